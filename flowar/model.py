@@ -1,0 +1,207 @@
+"""FlowAR: a scale-wise autoregressive transformer whose per-token semantics condition a flow net
+that turns noise into each scale's latent, coarse to fine.
+
+    model = FlowAR.from_preset("S")
+    total, per_scale = model.loss(latents, labels)          # training
+    latents = model.generate(labels, num_steps=25, cfg=4.3, guidance_high=0.9)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import pyramid
+from .ar import ScaleAR
+from .config import ConfigError, FlowARConfig, SamplerConfig, from_dict, preset_config, to_dict
+from .flownet import FlowNet
+from .layers import KVCache
+from .objective import noisy_input_and_target, sample_time, scale_weights
+from .sampling import cfg_for_scale, guided_fn, integrate, integrate_ddim, time_grid
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+FORMAT = "flowar/1"
+
+
+class FlowAR(nn.Module):
+    def __init__(self, config: FlowARConfig):
+        super().__init__()
+        self.config = config
+        self.ar = ScaleAR(config)
+        self.flow = FlowNet(config)
+        self.init_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "FlowAR":
+        """Presets S, B, L, H (paper Table 8) and the debug sizes `tiny`, `small-cpu`."""
+        return cls(preset_config(name, **overrides))
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    # ------------------------------------------------------------------ initialisation
+    def init_weights(self):
+        """Published init: xavier-uniform for every Linear (the flow net's included: the published
+        parent re-initialises it after construction), N(0, 0.02) for embeddings and position
+        tables. `init="zero"` instead zeroes the adaLN gates' and the final layer's projections
+        (adaLN-Zero), so that every block starts as the identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.ar.class_embed.weight, std=0.02)
+        for p in (self.ar.pos_embed, self.ar.second_pos_embed, self.ar.semantics_pos_embed):
+            nn.init.normal_(p, std=0.02)
+        if self.config.init == "zero":
+            zero = [self.flow.final_layer.linear, self.flow.final_layer.ada_lin[-1]]
+            zero += [blk.ada_lin[-1] for blk in self.ar.blocks]
+            for blk in self.flow.blocks:
+                zero += [getattr(blk, n) for n in ("ada_lin", "ada_lin_attn", "ada_lin_mlp") if hasattr(blk, n)]
+            for m in zero:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ training
+    def semantics(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced AR output (B, L, ar_width): scales coarse to fine, raster order."""
+        cfg = self.config
+        pyramid.check_latents(latents, cfg.scales, cfg.latent_channels)
+        maps = pyramid.targets(latents, cfg.scales)
+        return self.ar(pyramid.teacher_inputs(maps, cfg.scales, cfg.scale_input), labels)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
+        """The flow net on one scale: (B, s^2, C) noisy tokens -> (B, s^2, C) prediction
+        (the velocity eps - x for flow matching, eps for the diffusion objective)."""
+        return self.flow(x_t, t, semantics)
+
+    def loss(self, latents: torch.Tensor, labels: torch.Tensor, t=None, noise=None):
+        """(total, per_scale). `t` and `noise`, when given, are lists per scale ((B,), (B, s^2, C));
+        then no randomness is drawn and no label is dropped."""
+        cfg = self.config
+        given = t is not None and noise is not None
+        if self.training and not given and cfg.label_drop > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < cfg.label_drop
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        sem = self.semantics(latents, labels)
+        maps = pyramid.targets(latents, cfg.scales)
+        per_scale = []
+        for k, (start, end) in enumerate(pyramid.segments(cfg.scales)):
+            x = pyramid.to_tokens(maps[k])
+            t_k = t[k] if t is not None else sample_time(x.shape[0], cfg, x.device)
+            eps = noise[k] if noise is not None else torch.randn_like(x)
+            x_t, target, t_net = noisy_input_and_target(x, eps, t_k, cfg)
+            pred = self.flow(x_t, t_net, sem[:, start:end])
+            per_scale.append((pred.float() - target.float()).pow(2).mean())
+        total = sum(w * l for w, l in zip(scale_weights(cfg), per_scale))
+        return total, per_scale
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | None, num_steps: int | None = None,
+                 cfg: float | None = None, guidance_high: float | None = None, noise=None, *,
+                 sampler: SamplerConfig | None = None, generator: torch.Generator | None = None,
+                 num_samples: int | None = None) -> torch.Tensor:
+        """Sample finest-scale latents (B, C, H, W), still normalised.
+
+        labels None (or all null) gives unconditional samples (num_samples of them). `noise`,
+        when given, is each scale's starting noise: (2B, s^2, C) with CFG (conditional half first,
+        as the published sampler draws it) or (B, s^2, C)."""
+        conf = sampler or SamplerConfig()
+        overrides = {k: v for k, v in dict(num_steps=num_steps, cfg=cfg,
+                                           guidance_high=guidance_high).items() if v is not None}
+        conf = from_dict(SamplerConfig, {**to_dict(conf), **overrides}, "sampler")
+        mc = self.config
+        device, dtype = self.ar.pos_embed.device, self.ar.pos_embed.dtype
+        if labels is None:
+            if num_samples is None:
+                raise ConfigError("generate: give labels, or num_samples for unconditional samples")
+            labels = torch.full((num_samples,), self.null_class, dtype=torch.long, device=device)
+        labels = labels.to(device)
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_class):
+            raise ConfigError(f"generate: labels must be in [0, {self.null_class}] "
+                              f"({self.null_class} = unconditional), got {labels.tolist()}")
+        B = labels.shape[0]
+        guided = conf.cfg > 1.0 and bool((labels != self.null_class).any())
+        ar_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+
+        cache, ar_input, tokens = KVCache(), None, None
+        grid = time_grid(conf.num_steps, conf.time_grid) if mc.objective == "flow" else None
+        for k, side in enumerate(mc.scales):
+            sem = self.ar.step(ar_input, ar_labels, k, cache)
+            sem_cond, sem_uncond = (sem[:B], sem[B:]) if guided else (sem, None)
+            cfg_k = cfg_for_scale(k, len(mc.scales), conf.cfg, conf.cfg_schedule)
+            if noise is not None:
+                start = noise[k][:B].to(device)
+            else:
+                start = torch.randn((B, side * side, mc.latent_channels), device=device,
+                                    dtype=dtype, generator=generator)
+            v_fn = guided_fn(self.flow, sem_cond, sem_uncond, cfg_k, conf, dtype)
+            if mc.objective == "flow":
+                tokens = integrate(v_fn, start, grid, conf.solver, generator).to(dtype)
+            else:
+                tokens = integrate_ddim(v_fn, start, conf.num_steps, mc.diffusion_steps).to(dtype)
+            if k + 1 < len(mc.scales):
+                nxt = pyramid.next_scale_input(pyramid.to_maps(tokens, side), mc.scales[k + 1],
+                                               mc.latent_size, mc.scale_input)
+                ar_input = pyramid.to_tokens(nxt)
+                if guided:
+                    ar_input = torch.cat([ar_input, ar_input])
+        return pyramid.to_maps(tokens, mc.scales[-1])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "model": to_dict(self.config), **(extra or {})}
+        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_FILE), metadata={"format": FORMAT})
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "FlowAR":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{d} is not a FlowAR checkpoint: {p.name} is missing")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise ConfigError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        model = cls(from_dict(FlowARConfig, meta.get("model"), "model"))
+        try:
+            state = load_file(str(w_path), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{w_path}: unreadable or truncated safetensors file ({e})") from None
+        load_exact(model, state, str(w_path))
+        return model.to(device)
+
+
+def load_exact(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict that names every missing, unexpected or wrongly shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+    if shapes:
+        problems.append("wrong shapes: " + "; ".join(shapes[:20]))
+    if problems:
+        raise ConfigError(f"{source} does not fit the model: " + " | ".join(problems))
+    model.load_state_dict(state, strict=True)
