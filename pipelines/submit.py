@@ -1,0 +1,383 @@
+"""`flowar submit JOB [args]` and `flowar jobs list|status|logs|stop`: run jobs on a Ray cluster.
+
+A submitted job is the same command as a local run: the entrypoint is
+`python -m pipelines.cli JOB args...`, run on the cluster from a copy of this working directory
+(uploaded through Ray's `working_dir` runtime env, minus .git, data, checkpoints, MLflow stores and
+virtual environments). So `flowar submit train configs/x.yaml train.max_steps=500` runs exactly
+what `flowar train configs/x.yaml train.max_steps=500` runs here.
+
+The cluster: `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the local recipe's
+dashboard http://127.0.0.1:8265 (also where `kubectl port-forward` puts a KubeRay head).
+Ray >= 2.52 clusters use token authentication; the token comes from RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the same sources Ray itself reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Ray documents 100 MiB as the working_dir limit (GCS storage; platform-anchors §1.5). Ray 2.60
+# raised its own cap, but KubeRay's GCS and older clusters still enforce 100 MiB, so we do too.
+MAX_UPLOAD_MIB = 100
+
+# Never shipped with a job (gitignore syntax, relative to the working dir; a leading / anchors a
+# pattern to the top, so a package such as flowar/data/ still ships). Large data belongs on
+# shared storage or an object store (pipelines/storage.py), not in the upload.
+DEFAULT_EXCLUDES = [
+    ".git/", ".venv/", "venv/", "env/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
+    "/data/", "/datasets/", "/checkpoints/", "/ckpt/", "/outputs/", "/flowar-runs/", "/ray_results/",
+    "mlruns/", "mlartifacts/", "*.db", "*.sqlite", "/build/", "/dist/", "/wandb/", ".ipynb_checkpoints/",
+    "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.parquet",
+]
+
+# Local environment variables forwarded to the job when set here: offline switches and
+# storage locations, never credentials (the cluster should hold its own, e.g. IAM roles or
+# Kubernetes secrets).
+PASSTHROUGH_ENV = [
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME", "FLOWAR_HOME", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS",
+    "TOKENIZERS_PARALLELISM",
+]
+
+NOT_JOBS = {"submit", "jobs"}  # subcommands that make no sense as a cluster job
+
+
+class SubmitError(Exception):
+    """Bad input to submit (unknown job, upload too large, ...), raised before anything is sent."""
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The directory holding pipelines/cli.py at or above `start` (default: cwd); else cwd."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "pipelines" / "cli.py").is_file():
+            return d
+    return here
+
+
+def resolve_address(address: str | None = None) -> str:
+    addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    if not addr or addr == "auto":
+        return DEFAULT_ADDRESS
+    if addr.startswith("ray://"):
+        raise SubmitError(f"cluster address {addr!r} is a Ray Client address; Ray Jobs need the "
+                          f"dashboard address, e.g. http://<head>:8265")
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr.rstrip("/")
+
+
+def auth_token() -> str | None:
+    """The cluster token, from the places Ray reads (RAY_AUTH_MODE=disabled: none)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if path and Path(path).is_file():
+            token = Path(path).read_text().strip()
+            if token:
+                return token
+    return None
+
+
+def make_client(address: str | None = None):
+    """A JobSubmissionClient for the cluster, sending the token as a Bearer header."""
+    from ray.job_submission import JobSubmissionClient
+
+    addr = resolve_address(address)
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(addr, headers=headers)
+    except Exception as e:  # connection refused, 401, version mismatch: say which cluster
+        hint = ("" if token else "\n  no auth token found: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
+                "(KubeRay: the token Secret, see clusters/README.md)")
+        raise SubmitError(f"cannot reach the Ray cluster at {addr}: {e}{hint}") from None
+
+
+@dataclass
+class UploadPlan:
+    """What `working_dir` sends: the files Ray will zip, their size and the zip's size."""
+
+    working_dir: Path
+    excludes: list[str]
+    files: list[tuple[str, int]] = field(default_factory=list)
+    raw_bytes: int = 0
+    zip_bytes: int = 0
+
+    def summary(self) -> str:
+        return (f"working dir {self.working_dir}: {len(self.files)} files, "
+                f"{self.raw_bytes / 2**20:.2f} MiB, {self.zip_bytes / 2**20:.2f} MiB zipped "
+                f"(limit {MAX_UPLOAD_MIB} MiB)")
+
+    def largest(self, n: int = 8) -> list[tuple[str, int]]:
+        return sorted(self.files, key=lambda f: -f[1])[:n]
+
+
+def _include_gitignore() -> bool:
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+    return os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+
+
+def plan_upload(working_dir: Path, excludes: list[str]) -> UploadPlan:
+    """Walk and zip the working dir exactly as the Ray Jobs SDK will (same traversal, excludes,
+    .gitignore/.rayignore handling), so the size we check is the size Ray uploads."""
+    from ray._private.runtime_env import packaging
+
+    wd = working_dir.resolve()
+    plan = UploadPlan(wd, list(excludes))
+
+    def visit(p: Path):
+        if p.is_file():
+            size = p.stat().st_size
+            plan.files.append((str(p.relative_to(wd)), size))
+            plan.raw_bytes += size
+
+    quiet = logging.getLogger("flowar.submit.plan")  # Ray logs every .gitignore it reads at INFO
+    quiet.setLevel(logging.WARNING)
+    packaging._dir_travel(wd, [packaging._get_excludes(wd, plan.excludes)], visit,
+                          include_gitignore=_include_gitignore(), logger=quiet)
+    with tempfile.TemporaryDirectory(prefix="flowar-pkg-") as tmp:
+        target = Path(tmp) / "pkg.zip"
+        packaging._zip_files(str(wd), plan.excludes, str(target),
+                             include_gitignore=_include_gitignore(), logger=quiet)
+        plan.zip_bytes = target.stat().st_size
+    return plan
+
+
+def check_upload(plan: UploadPlan, max_mib: float = MAX_UPLOAD_MIB) -> None:
+    if plan.zip_bytes > max_mib * 2**20:
+        biggest = "\n".join(f"    {s / 2**20:8.2f} MiB  {name}" for name, s in plan.largest())
+        raise SubmitError(f"refusing to upload: {plan.summary()} exceeds {max_mib} MiB.\n"
+                          f"  Largest files:\n{biggest}\n  Add them to --exclude or .rayignore and "
+                          f"put data on shared storage or an object store (s3://, gs://).")
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """--env KEY=VALUE sets a value; --env KEY forwards the local value (error if unset)."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key or not key.replace("_", "").isalnum():
+            raise SubmitError(f"--env {item!r}: expected KEY=VALUE or KEY")
+        if not sep:
+            if key not in os.environ:
+                raise SubmitError(f"--env {key}: not set in the local environment")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def build_runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str],
+                      pip: list[str] = (), py_modules: list[str] = ()) -> dict:
+    env_vars = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+    env_vars.update(env)
+    runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(excludes),
+                         "env_vars": env_vars}
+    if pip:
+        runtime_env["pip"] = list(pip)
+    if py_modules:
+        runtime_env["py_modules"] = list(py_modules)
+    return runtime_env
+
+
+def job_names() -> list[str]:
+    from pipelines.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [name for name in sub.choices if name not in NOT_JOBS]
+
+
+def entrypoint_for(job: str, job_args: list[str], raw: bool = False) -> str:
+    """The shell command the cluster runs: the local CLI, from the uploaded working dir
+    (`raw`: JOB and its args are a command of their own, e.g. a benchmark script)."""
+    if raw:
+        return shlex.join([job, *job_args])
+    names = job_names()
+    if job not in names:
+        raise SubmitError(f"unknown job {job!r}: choose one of {', '.join(names) or '(none built)'}")
+    return shlex.join(["python", "-m", "pipelines.cli", job, *job_args])
+
+
+def exit_code(info) -> int:
+    """The job's exit status: the driver's own code when Ray reports one."""
+    from ray.job_submission import JobStatus
+
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    if info.status == JobStatus.STOPPED:
+        return 130
+    return info.driver_exit_code or 1
+
+
+def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0) -> int:
+    """Stream the job's logs until it ends; return its exit status."""
+    import asyncio
+
+    from ray.job_submission import JobStatus
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as e:  # log stream dropped (e.g. port-forward restarted): poll instead
+        print(f"[flowar] log stream ended early ({e}); polling status", file=sys.stderr)
+    while True:  # the stream can end a moment before the status turns terminal
+        info = client.get_job_info(job_id)
+        if info.status.is_terminal():
+            break
+        time.sleep(poll_s)
+    code = exit_code(info)
+    verdict = "succeeded" if info.status == JobStatus.SUCCEEDED else f"{info.status.value.lower()}"
+    # Ray's failure message repeats the log tail we already streamed: keep its first line.
+    first = (info.message or "").strip().splitlines()[:1]
+    msg = f": {first[0]}" if info.status != JobStatus.SUCCEEDED and first else ""
+    print(f"[flowar] job {job_id} {verdict} (exit status {code}){msg}", file=sys.stderr)
+    return code
+
+
+def submit(job: str, job_args: list[str], *, address: str | None = None,
+           working_dir: str | os.PathLike | None = None, excludes: list[str] = (),
+           env: dict[str, str] | None = None, pip: list[str] = (), py_modules: list[str] = (),
+           num_cpus: float | None = None, num_gpus: float | None = None,
+           submission_id: str | None = None, wait: bool = True, raw: bool = False,
+           max_upload_mib: float = MAX_UPLOAD_MIB, out=sys.stdout) -> tuple[str, int]:
+    """Submit `flowar JOB job_args` to the cluster. Returns (job id, exit status; 0 if not waiting)."""
+    wd = Path(working_dir).resolve() if working_dir else project_root()
+    if not wd.is_dir():
+        raise SubmitError(f"--working-dir {str(wd)!r} is not a directory")
+    entrypoint = entrypoint_for(job, list(job_args), raw)
+    all_excludes = DEFAULT_EXCLUDES + list(excludes)
+    plan = plan_upload(wd, all_excludes)
+    check_upload(plan, max_upload_mib)
+    if plan.zip_bytes > max_upload_mib * 2**20 / 2:
+        print(f"[flowar] warning: upload is over half the limit: {plan.summary()}", file=sys.stderr)
+    runtime_env = build_runtime_env(wd, all_excludes, env or {}, pip, py_modules)
+    client = make_client(address)
+    print(f"[flowar] cluster {resolve_address(address)}; uploading {plan.summary()}", file=sys.stderr)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                               submission_id=submission_id, entrypoint_num_cpus=num_cpus,
+                               entrypoint_num_gpus=num_gpus,
+                               metadata={"flowar_job": job, "submitted_by": "flowar submit"})
+    print(f"[flowar] submitted job {job_id}: {entrypoint}", file=sys.stderr)
+    print(job_id, file=out, flush=True)
+    if not wait:
+        print(f"[flowar] follow it with: flowar jobs logs {job_id} --follow", file=sys.stderr)
+        return job_id, 0
+    try:
+        return job_id, follow(client, job_id, out)
+    except KeyboardInterrupt:
+        print(f"\n[flowar] stopped following; the job keeps running. Stop it with: "
+              f"flowar jobs stop {job_id}", file=sys.stderr)
+        return job_id, 130
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _run_submit(args) -> int:
+    job_args = list(args.job_args)
+    if job_args[:1] == ["--"]:
+        job_args = job_args[1:]
+    try:
+        _, code = submit(args.job, job_args, address=args.address, working_dir=args.working_dir,
+                         excludes=args.exclude, env=parse_env(args.env), pip=args.pip,
+                         py_modules=args.py_module, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                         submission_id=args.submission_id, wait=not args.no_wait, raw=args.raw,
+                         max_upload_mib=args.max_upload_mib)
+    except SubmitError as e:
+        print(f"flowar submit: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _run_jobs(args) -> int:
+    try:
+        client = make_client(args.address)
+    except SubmitError as e:
+        print(f"flowar jobs: {e}", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+        print(f"{'JOB ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+        for j in jobs:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
+            print(f"{j.submission_id or j.job_id:<28} {j.status.value:<10} {started:<19} {j.entrypoint[:80]}")
+        return 0
+    if not args.job_id:
+        print(f"flowar jobs {args.action}: give a JOB_ID (see `flowar jobs list`)", file=sys.stderr)
+        return 2
+    if args.action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        return exit_code(info) if info.status.is_terminal() else 0
+    if args.action == "logs":
+        if args.follow:
+            return follow(client, args.job_id)
+        sys.stdout.write(client.get_job_logs(args.job_id))
+        return 0
+    if args.action == "stop":
+        stopped = client.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+        return 0
+    raise AssertionError(args.action)
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help=f"Ray dashboard address (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, "
+                        f"else {DEFAULT_ADDRESS})")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "submit", help="run a flowar job on a Ray cluster (Ray Jobs)",
+        description="Run `flowar JOB args...` on a Ray cluster: uploads this working directory "
+                    "(without .git, data, checkpoints, MLflow stores, venvs), prints the job id, "
+                    "follows the logs and exits with the job's exit status.",
+        epilog="example: flowar submit --address http://127.0.0.1:8265 train configs/train-tiny.yaml "
+               "train.max_steps=100")
+    _add_address(p)
+    p.add_argument("--working-dir", default=None, help="directory to upload (default: project root)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="extra gitignore-style pattern not to upload (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="environment variable for the job; KEY alone forwards the local value")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ",
+                   help="extra pip requirement installed for the job (runtime env)")
+    p.add_argument("--py-module", action="append", default=[], metavar="PATH",
+                   help="extra local package shipped with the job (runtime env py_modules)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the driver")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the driver")
+    p.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("--raw", action="store_true",
+                   help="JOB and its args are a plain command (e.g. python benchmarks/x.py), "
+                        "run in the uploaded working dir")
+    p.add_argument("--max-upload-mib", type=float, default=MAX_UPLOAD_MIB,
+                   help=f"refuse uploads whose zip exceeds this (default {MAX_UPLOAD_MIB})")
+    p.add_argument("job", help="flowar subcommand to run: encode, train, sweep, evaluate, ...")
+    p.add_argument("job_args", nargs=argparse.REMAINDER, help="its arguments, as for a local run")
+    p.set_defaults(func=_run_submit)
+
+    j = subparsers.add_parser("jobs", help="list, inspect, follow or stop Ray jobs",
+                              description="Manage jobs on a Ray cluster (same address and token "
+                                          "rules as `flowar submit`).")
+    _add_address(j)
+    j.add_argument("action", choices=["list", "status", "logs", "stop"])
+    j.add_argument("job_id", nargs="?", help="job id (for status, logs, stop)")
+    j.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
+    j.set_defaults(func=_run_jobs)
