@@ -1,0 +1,163 @@
+"""Metrics of generated images from Inception features: FID, IS, KID, precision/recall.
+
+FID needs only (mu, sigma), so each worker returns mergeable float64 statistics (count, sum,
+sum of outer products) and the driver adds them: the result does not depend on how the samples
+were split. The metric formulas are torch-fidelity's own functions (fid: eigenvalues of
+sigma1 @ sigma2; kid: polynomial-kernel MMD over random subsets; prc: k-NN manifolds; isc:
+shuffled splits), called on the merged data, so a distributed evaluation gives torch-fidelity's
+single-process numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class FeatureStats:
+    """count, sum and sum of outer products of feature vectors, in float64: adds exactly."""
+    count: int
+    sum: np.ndarray  # (D,)
+    outer: np.ndarray  # (D, D)
+
+    @classmethod
+    def empty(cls, dim: int) -> "FeatureStats":
+        return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureStats":
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2:
+            raise ValueError(f"features must be (N, D), got shape {f.shape}")
+        return cls(len(f), f.sum(axis=0), f.T @ f)
+
+    def __add__(self, other: "FeatureStats") -> "FeatureStats":
+        if self.sum.shape != other.sum.shape:
+            raise ValueError(f"cannot merge statistics of dims {self.sum.shape} and {other.sum.shape}")
+        return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+
+    @staticmethod
+    def merge(parts) -> "FeatureStats":
+        parts = list(parts)
+        if not parts:
+            raise ValueError("no statistics to merge")
+        total = FeatureStats.empty(parts[0].sum.shape[0])
+        for p in parts:
+            total = total + p
+        return total
+
+    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance (np.cov's N-1), as torch-fidelity computes them."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, sigma
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}count": np.array(self.count), f"{prefix}sum": self.sum, f"{prefix}outer": self.outer}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "") -> "FeatureStats":
+        return cls(int(arrays[f"{prefix}count"]), np.asarray(arrays[f"{prefix}sum"], np.float64),
+                   np.asarray(arrays[f"{prefix}outer"], np.float64))
+
+
+def fid(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance, torch-fidelity's formula (eigenvalues of sigma1 @ sigma2)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"FID of statistics with different shapes: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    out = fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False)
+    return float(out["frechet_inception_distance"])
+
+
+def kid(features_gen: np.ndarray, features_ref: np.ndarray, subsets: int = 100,
+        subset_size: int = 1000, seed: int = 2020) -> tuple[float, float]:
+    """KID (mean, std) with torch-fidelity's cubic polynomial kernel; subset_size is capped at
+    the smaller set, so small evaluations still report a number (recorded in the report)."""
+    import torch
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(subset_size, len(features_gen), len(features_ref))
+    out = kid_features_to_metric(torch.from_numpy(np.asarray(features_gen, np.float32)),
+                                 torch.from_numpy(np.asarray(features_ref, np.float32)),
+                                 kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False,
+                                 kid_kernel="poly", kid_kernel_poly_degree=3,
+                                 kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
+
+
+def precision_recall(features_gen: np.ndarray, features_ref: np.ndarray, k: int = 3,
+                     batch_size: int = 10000) -> tuple[float, float]:
+    """Improved precision/recall (Kynkaanniemi et al.) with k-NN manifolds, torch-fidelity's code."""
+    import torch
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = prc_features_to_metric(torch.from_numpy(np.asarray(features_gen, np.float32)),
+                                 torch.from_numpy(np.asarray(features_ref, np.float32)),
+                                 prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=False,
+                                 verbose=False)
+    return out["precision"], out["recall"]
+
+
+def inception_score(logits: np.ndarray | None, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+    """IS (mean, std) from the unbiased logits. Refuses when there are none: a classifier with
+    zero weights gives IS = 1.0, a number that means nothing."""
+    if logits is None or len(logits) == 0:
+        raise ValueError("Inception Score is unavailable: the Inception weights have no logits layer "
+                         "(fid-helper's copy stops at the pool features); use torch-fidelity's weights file")
+    import torch
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    out = isc_features_to_metric(torch.from_numpy(np.asarray(logits, np.float32)), splits=splits,
+                                 shuffle=True, rng_seed=seed)
+    return out["inception_score_mean"], out["inception_score_std"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics files
+# ---------------------------------------------------------------------------------------------
+
+def load_reference_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an ADM-style reference file (`mu`, `sigma`; e.g. VIRTUAL_imagenet256_labeled.npz,
+    MAR's adm_in256_stats.npz) or one written by `save_reference`."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"reference statistics {str(p)!r} do not exist")
+    with np.load(p) as z:
+        if "mu" in z and "sigma" in z:
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+        elif "count" in z:
+            return FeatureStats.from_arrays(z).mu_sigma()
+        else:
+            raise ValueError(f"{p}: no 'mu'/'sigma' arrays (has {sorted(z.files)}); expected an "
+                             "ADM-style reference batch .npz")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{p}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    return mu, sigma
+
+
+def save_reference(path: str | Path, stats: FeatureStats, features: np.ndarray | None = None,
+                   meta: dict | None = None) -> None:
+    """Stats (+ mu/sigma for ADM-style readers, + features for PR/KID) in one .npz, atomically."""
+    import json
+    import os
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    mu, sigma = stats.mu_sigma()
+    arrays = {**stats.to_arrays(), "mu": mu, "sigma": sigma,
+              "meta": np.array(json.dumps(meta or {}, sort_keys=True))}
+    if features is not None:
+        arrays["features"] = np.asarray(features, np.float32)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, p)
