@@ -105,12 +105,13 @@ class FlowAR(nn.Module):
     def generate(self, labels: torch.Tensor | None, num_steps: int | None = None,
                  cfg: float | None = None, guidance_high: float | None = None, noise=None, *,
                  sampler: SamplerConfig | None = None, generator: torch.Generator | None = None,
-                 num_samples: int | None = None) -> torch.Tensor:
+                 num_samples: int | None = None, kv_cache: bool = True) -> torch.Tensor:
         """Sample finest-scale latents (B, C, H, W), still normalised.
 
         labels None (or all null) gives unconditional samples (num_samples of them). `noise`,
         when given, is each scale's starting noise: (2B, s^2, C) with CFG (conditional half first,
-        as the published sampler draws it) or (B, s^2, C)."""
+        as the published sampler draws it) or (B, s^2, C). kv_cache=False recomputes the whole
+        prefix at every scale instead (the block-causal mask makes it equal; for benchmarks)."""
         conf = sampler or SamplerConfig()
         overrides = {k: v for k, v in dict(num_steps=num_steps, cfg=cfg,
                                            guidance_high=guidance_high).items() if v is not None}
@@ -129,10 +130,13 @@ class FlowAR(nn.Module):
         guided = conf.cfg > 1.0 and bool((labels != self.null_class).any())
         ar_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
 
-        cache, ar_input, tokens = KVCache(), None, None
+        cache, ar_input, tokens, prefix = KVCache(), None, None, []
         grid = time_grid(conf.num_steps, conf.time_grid) if mc.objective == "flow" else None
         for k, side in enumerate(mc.scales):
-            sem = self.ar.step(ar_input, ar_labels, k, cache)
+            if kv_cache:
+                sem = self.ar.step(ar_input, ar_labels, k, cache)
+            else:
+                sem = self._recompute_step(prefix, ar_labels, k)
             sem_cond, sem_uncond = (sem[:B], sem[B:]) if guided else (sem, None)
             cfg_k = cfg_for_scale(k, len(mc.scales), conf.cfg, conf.cfg_schedule)
             if noise is not None:
@@ -151,7 +155,21 @@ class FlowAR(nn.Module):
                 ar_input = pyramid.to_tokens(nxt)
                 if guided:
                     ar_input = torch.cat([ar_input, ar_input])
+                prefix.append(ar_input)
         return pyramid.to_maps(tokens, mc.scales[-1])
+
+    def _recompute_step(self, prefix: list[torch.Tensor], labels: torch.Tensor, k: int):
+        """Semantics of scale k from a full forward over the prefix; later scales are zero
+        placeholders that the block-causal mask hides from scale k."""
+        mc = self.config
+        dtype = self.ar.pos_embed.dtype
+        inputs = torch.zeros(labels.shape[0], mc.num_tokens - 1, mc.latent_channels,
+                             device=labels.device, dtype=dtype)
+        if prefix:
+            done = torch.cat(prefix, dim=1)
+            inputs[:, : done.shape[1]] = done
+        start, end = pyramid.segments(mc.scales)[k]
+        return self.ar(inputs, labels)[:, start:end]
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
