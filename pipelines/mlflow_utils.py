@@ -1,0 +1,141 @@
+"""MLflow helpers for the jobs: reachability check, start-or-resume by name, params, metrics, images.
+
+Only the driver (run creation, params, status) and world rank 0 (metrics, images, artefacts) call
+these; other workers never touch MLflow. Everything goes through an explicit `MlflowClient` and
+run id instead of mlflow's global "active run", so a worker restarted by Ray's FailureConfig
+simply keeps logging to the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flowar.config import ConfigError
+
+__all__ = ["check_reachable", "start_or_resume_run", "log_config", "log_metrics", "log_image",
+           "log_artifacts", "end_run", "git_commit", "client"]
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail at start, with a message naming the URI, when the tracking store cannot be used."""
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is None or not path.is_absolute():
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: use an absolute SQLite path, "
+                              "sqlite:////abs/path/mlflow.db (4 slashes)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot create {path.parent}: {e}") from None
+        return
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        except requests.RequestException as e:
+            raise ConfigError(f"the MLflow tracking server {uri} is unreachable ({type(e).__name__}:"
+                              f" {e}); start it or set mlflow.tracking_uri") from None
+        if response.status_code != 200:
+            raise ConfigError(f"the MLflow tracking server {uri} answered /health with HTTP "
+                              f"{response.status_code}; is it an MLflow server?")
+        return
+    if scheme in ("", "file"):
+        raise ConfigError(f"mlflow.tracking_uri={uri!r}: MLflow 3 refuses file stores; use "
+                          "sqlite:////abs/path/mlflow.db or an http(s) server")
+
+
+def _experiment_id(c, uri: str, name: str, artifact_location: str = "") -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not artifact_location and uri.startswith("sqlite:///"):
+        # MLflow's default artefact root is relative to the current directory, which differs
+        # between the driver and Ray workers; keep artefacts beside the database instead.
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    return c.create_experiment(name, artifact_location=artifact_location or None)
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str,
+                        artifact_location: str = "") -> tuple[str, bool]:
+    """The id of the run called `run_name` in `experiment` (created if absent) and whether it existed."""
+    c = client(uri)
+    exp_id = _experiment_id(c, uri, experiment, artifact_location)
+    found = c.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+                          max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = c.create_run(exp_id, run_name=run_name)
+    return run.info.run_id, False
+
+
+def log_config(uri: str, run_id: str, cfg, config_path: str | None, tags: dict[str, str]) -> None:
+    """Flattened resolved config as params, tags, and the config file + resolved YAML as artefacts.
+
+    A resumed run may be re-launched with a changed value (e.g. more workers); MLflow params are
+    immutable, so a changed value is recorded as a `changed.<key>` tag instead of failing."""
+    import tempfile
+
+    from mlflow.entities import Param, RunTag
+
+    from pipelines.config import dump_yaml, flatten
+
+    c = client(uri)
+    existing = c.get_run(run_id).data.params
+    params = {k: v[:6000] for k, v in flatten(cfg).items()}
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    changed = {f"changed.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+    for i in range(0, len(new), 100):  # MLflow's batch limit is 100 params
+        c.log_batch(run_id, params=new[i:i + 100])
+    all_tags = {**tags, **changed}
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        dump_yaml(cfg, Path(tmp) / "resolved_config.yaml")
+        c.log_artifact(run_id, str(Path(tmp) / "resolved_config.yaml"), artifact_path="config")
+    if config_path:
+        c.log_artifact(run_id, str(config_path), artifact_path="config")
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_image(c, run_id: str, image, artifact_file: str) -> None:
+    """`image`: HxWx3 uint8 numpy array."""
+    c.log_image(run_id, image, artifact_file=artifact_file)
+
+
+def log_artifacts(c, run_id: str, local_dir: str, artifact_path: str) -> None:
+    c.log_artifacts(run_id, local_dir, artifact_path=artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def git_commit() -> str:
+    """The commit of the code being run (unknown outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"

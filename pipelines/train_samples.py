@@ -1,0 +1,85 @@
+"""Periodic sample grids during training (rank 0): fixed labels and noise, EMA weights, VAE decode.
+
+The same labels and generator seed every time, so grids at successive steps show the model
+improving on identical inputs. Decoded through the dataset's VAE when it can be loaded here;
+otherwise (e.g. a test dataset with no VAE on disk) the latents' first channels are shown, which
+still shows whether training does something.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["SampleGrid", "to_grid"]
+
+
+def to_grid(images: torch.Tensor, rows: int) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> one HxWx3 uint8 image, `rows` rows, 2-pixel gaps."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    b, c, h, w = images.shape
+    cols = (b + rows - 1) // rows
+    out = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
+    for i in range(b):
+        r, col = divmod(i, cols)
+        out[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = \
+            images[i].permute(1, 2, 0).numpy()
+    return out
+
+
+def _latents_as_images(z: torch.Tensor, min_side: int = 32) -> torch.Tensor:
+    x = z[:, :3] if z.shape[1] >= 3 else z[:, :1].repeat(1, 3, 1, 1)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+    factor = max(1, min_side // x.shape[-1])
+    return torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
+
+
+class SampleGrid:
+    def __init__(self, job, meta, meta_dict: dict, device: torch.device):
+        self.job, self.meta, self.meta_dict, self.device = job, meta, meta_dict, device
+        classes = list(job.train.sample_classes) or list(range(min(8, job.model.num_classes)))
+        bad = [c for c in classes if not 0 <= c < job.model.num_classes]
+        if bad:
+            raise ValueError(f"train.sample_classes {bad} outside [0, {job.model.num_classes})")
+        self.classes = classes
+        self.labels = torch.tensor(classes, device=device).repeat_interleave(job.train.samples_per_class)
+        self._vae, self._vae_tried = None, False
+
+    def _decoder(self):
+        if not self._vae_tried:
+            self._vae_tried = True
+            try:
+                from flowar.vae import load_vae
+
+                spec = (self.meta_dict.get("vae") or {}).get("id")
+                self._vae = load_vae(spec, self.device) if spec else None
+            except Exception as e:  # noqa: BLE001 - any failure means "show latents instead"
+                print(f"flowar train: sample grids show raw latents; the dataset's VAE did not "
+                      f"load here ({type(e).__name__}: {e})")
+                self._vae = None
+        return self._vae
+
+    @torch.no_grad()
+    def render(self, ema_full: dict[str, torch.Tensor]) -> np.ndarray:
+        from flowar import FlowAR
+
+        model = FlowAR(self.job.model)
+        state = model.state_dict()
+        state.update(ema_full)
+        model.load_state_dict(state)
+        model.to(self.device).eval()
+        s = self.job.sampler
+        g = torch.Generator(self.device).manual_seed(self.job.train.seed)
+        z = model.generate(self.labels, num_steps=s.num_steps, cfg=s.cfg,
+                           guidance_high=s.guidance_high, sampler=s, generator=g)
+        vae = self._decoder()
+        if vae is not None:
+            from flowar.vae import decode
+
+            vae_model, info = vae
+            images = decode(vae_model, z, info)
+        else:
+            images = _latents_as_images(z)
+        return to_grid(images, rows=len(self.classes))

@@ -1,0 +1,203 @@
+"""flowar train on a real local Ray runtime and a real MLflow SQLite store, 2 CPU workers.
+
+The tiny preset on 64 latents of 4x4x4: DDP and FSDP2 train and the loss falls; a worker killed
+mid-run is recovered from its checkpoint; an interrupted run resumed by re-running the same command
+ends with exactly the weights of an uninterrupted one; MLflow holds params, metrics, a sample grid
+and the exported model; unfit datasets and unknown keys are refused before training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowar.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "train-tiny.yaml"
+
+
+def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
+                 num_classes: int = 10, flip: bool = True) -> Path:
+    """A finished latent dataset written with the encode job's own writer (pipelines.latents).
+
+    Means are a per-class pattern plus a little noise, so the model has something to learn."""
+    from pipelines.latents import LatentDatasetMeta, finalise, write_part
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(count) % num_classes
+    patterns = rng.normal(size=(num_classes, channels, side, side)).astype(np.float32)
+    mean = patterns[labels] + 0.1 * rng.normal(size=(count, channels, side, side)).astype(np.float32)
+    std = np.full_like(mean, 0.05)
+    columns = {"key": [f"img{i:05d}" for i in range(count)], "label": labels.astype(np.int64),
+               "mean": mean, "std": std}
+    if flip:
+        columns.update(mean_flip=mean[..., ::-1].copy(), std_flip=std.copy())
+    meta = LatentDatasetMeta(vae={"id": "none/test-vae", "scaling_factor": 1.0, "shift_factor": 0.0},
+                             resolution=side * 8, latent_size=side, latent_channels=channels,
+                             scales=[side], count=count, num_classes=num_classes, flip=flip)
+    (path / "rejects").mkdir(parents=True)
+    half = count // 2  # two part files, like a real encode with two shards
+    for shard, (a, b) in enumerate([(0, half), (half, count)]):
+        part = {k: v[a:b] for k, v in columns.items()}
+        write_part(str(path), shard, a, b, part, [], meta)
+    finalise(str(path), meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("latents") / "tiny")
+
+
+def job(dataset, tmp_path, mlflow_uri, *overrides):
+    from pipelines.train import load_train_config
+
+    return load_train_config(TINY, [f"data.path={dataset}", f"mlflow.tracking_uri={mlflow_uri}",
+                                    f"ray.storage_path={tmp_path / 'ray_results'}", *overrides])
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    with result.checkpoint.as_directory() as d:
+        return load_file(str(Path(d) / "model.safetensors"))
+
+
+def mlflow_run(uri: str, name: str):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("flowar").experiment_id],
+                         filter_string=f"tags.`mlflow.runName` = '{name}'")
+    return c, runs
+
+
+def losses(c, run_id) -> list[float]:
+    return [m.value for m in sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+# ------------------------------------------------------------------------------------ no Ray needed
+
+def test_unknown_config_key_is_refused(dataset, capsys):
+    from pipelines.cli import main
+
+    assert main(["train", str(TINY), f"data.path={dataset}", "train.learning_rate=1"]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+
+
+def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path, mlflow_uri):
+    from pipelines.train import run_training
+
+    other = make_dataset(tmp_path / "eight", count=8, side=8)  # 8x8 latents, model ends at 4
+    cfg = job(other, tmp_path, mlflow_uri)
+    with pytest.raises(ConfigError, match="latent_size"):
+        run_training(cfg)
+    assert not (tmp_path / "ray_results").exists()  # nothing started
+
+
+def test_unreachable_mlflow_server_fails_at_start(dataset, tmp_path):
+    from pipelines.train import run_training
+
+    cfg = job(dataset, tmp_path, "http://127.0.0.1:9")  # discard port: connection refused
+    with pytest.raises(ConfigError, match="unreachable"):
+        run_training(cfg)
+
+
+# ------------------------------------------------------------------------------------ Ray Train
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory, ray_local):
+    """One uninterrupted DDP run (the baseline of the resume tests)."""
+    from pipelines.train import run_training
+
+    tmp = tmp_path_factory.mktemp("reference")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = job(dataset, tmp, uri, "mlflow.run_name=reference", "train.sample_every=20")
+    result = run_training(cfg)
+    return {"result": result, "uri": uri, "weights": final_weights(result), "cfg": cfg}
+
+
+def test_ddp_trains_and_logs_params_metrics_samples_and_model(reference):
+    from flowar import FlowAR
+
+    c, runs = mlflow_run(reference["uri"], "reference")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.strategy"] == "ddp"
+    assert run.data.params["model.ar_width"] == "64"  # from the preset
+    assert run.data.tags["preset"] == "tiny" and run.data.tags["vae"] == "none/test-vae"
+    curve = losses(c, run.info.run_id)
+    assert len(curve) == 8 and all(math.isfinite(v) for v in curve)
+    assert np.mean(curve[-2:]) < 0.7 * np.mean(curve[:2]), curve
+    for key in ("lr", "grad_norm", "images_per_s", "tokens_per_s", "loss_scale1", "loss_scale4"):
+        assert c.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/step_0000020.png", "samples/step_0000040.png"} <= artifacts
+    assert "model/latents.json" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+    export = Path(reference["result"].metrics["export_dir"])
+    model = FlowAR.from_pretrained(export)
+    assert model.config.scales == (1, 2, 4)
+    assert (export / "latents.json").is_file()
+    assert (Path(reference["result"].path) / "best" / "model.safetensors").is_file()
+
+
+def test_killed_worker_is_recovered_from_its_checkpoint(reference, dataset, tmp_path, mlflow_uri):
+    from pipelines.train import run_training
+
+    cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=killed")
+    marker = tmp_path / "killed-once"
+    result = run_training(cfg, fault={"step": 30, "mode": "kill", "marker": str(marker),
+                                      "delay_s": 3})
+    assert marker.exists()  # the fault did happen
+    c, runs = mlflow_run(mlflow_uri, "killed")
+    assert len(runs) == 1  # the restarted workers continued the same MLflow run
+    resumed = [m.value for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+    assert sorted(resumed) == [0, 20]  # restarted from the step-20 checkpoint, not from scratch
+    for name, ref in reference["weights"].items():
+        torch.testing.assert_close(final_weights(result)[name], ref, rtol=0, atol=1e-6)
+
+
+def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
+        reference, dataset, tmp_path, mlflow_uri):
+    from pipelines.train import run_training
+
+    cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=rerun", "train.max_failures=0")
+    with pytest.raises(Exception, match="injected fault"):
+        run_training(cfg, fault={"step": 30, "mode": "raise", "marker": str(tmp_path / "m")})
+    result = run_training(cfg)  # the same command again
+    c, runs = mlflow_run(mlflow_uri, "rerun")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    resumed = [m.value for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+    assert sorted(resumed) == [0, 20]
+    weights = final_weights(result)
+    for name, ref in reference["weights"].items():
+        torch.testing.assert_close(weights[name], ref, rtol=0, atol=1e-6)
+
+
+def test_fsdp_trains_and_its_checkpoint_loads_at_another_worker_count(
+        ray_local, dataset, tmp_path, mlflow_uri):
+    from pipelines.train import run_training
+
+    cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp",
+              "train.max_failures=0")
+    with pytest.raises(Exception, match="injected fault"):
+        run_training(cfg, fault={"step": 30, "mode": "raise", "marker": str(tmp_path / "m")})
+    c, runs = mlflow_run(mlflow_uri, "fsdp")
+    curve = losses(c, runs[0].info.run_id)
+    assert len(curve) == 4 and np.mean(curve[-2:]) < 0.7 * np.mean(curve[:2]), curve
+    # Resume the sharded (DCP) checkpoint of 2 workers on 1 worker.
+    one = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp",
+              "train.num_workers=1")
+    result = run_training(one)
+    assert result.metrics["step"] == 40
+    resumed = [m.value for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+    assert sorted(resumed) == [0, 20]
+    assert math.isfinite(result.metrics["loss"])
+    ckpt = Path(result.checkpoint.path)
+    assert (ckpt / ".metadata").is_file()
