@@ -48,6 +48,9 @@ class FlowARConfig:
     head: Literal["per_scale", "per_token"] = "per_scale"
     objective: Literal["flow", "diffusion"] = "flow"
     scale_input: Literal["bicubic_area", "upsample2x"] = "bicubic_area"
+    # Table 3: "latent" downsamples the finest latent; "image" encodes a downsampled image per
+    # scale with the VAE (the training job then passes those maps as `scale_targets`).
+    scale_construction: Literal["latent", "image"] = "latent"
 
     # --- training knobs the published code hides ---
     attn_dropout: float = 0.1  # published training default, inherited from MAR

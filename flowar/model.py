@@ -67,28 +67,43 @@ class FlowAR(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ training
-    def semantics(self, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced AR output (B, L, ar_width): scales coarse to fine, raster order."""
+    def scale_maps(self, latents: torch.Tensor, scale_targets=None) -> list[torch.Tensor]:
+        """Each scale's target map: downsampled latents, or the given image-derived maps."""
         cfg = self.config
         pyramid.check_latents(latents, cfg.scales, cfg.latent_channels)
-        maps = pyramid.targets(latents, cfg.scales)
-        return self.ar(pyramid.teacher_inputs(maps, cfg.scales, cfg.scale_input), labels)
+        if cfg.scale_construction == "latent":
+            if scale_targets is not None:
+                raise ConfigError("scale_targets given, but model.scale_construction is 'latent'")
+            return pyramid.targets(latents, cfg.scales)
+        if scale_targets is None or len(scale_targets) != len(cfg.scales):
+            raise ConfigError("model.scale_construction='image' needs scale_targets: one latent "
+                              "map per scale, encoded from the downsampled image")
+        for s, m in zip(cfg.scales, scale_targets):
+            if tuple(m.shape[1:]) != (cfg.latent_channels, s, s):
+                raise ConfigError(f"scale_targets: scale {s} map has shape {tuple(m.shape)}, "
+                                  f"expected (B, {cfg.latent_channels}, {s}, {s})")
+        return list(scale_targets)
+
+    def semantics(self, latents: torch.Tensor, labels: torch.Tensor, scale_targets=None) -> torch.Tensor:
+        """Teacher-forced AR output (B, L, ar_width): scales coarse to fine, raster order."""
+        maps = self.scale_maps(latents, scale_targets)
+        return self.ar(pyramid.teacher_inputs(maps, self.config.scales, self.config.scale_input), labels)
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
         """The flow net on one scale: (B, s^2, C) noisy tokens -> (B, s^2, C) prediction
         (the velocity eps - x for flow matching, eps for the diffusion objective)."""
         return self.flow(x_t, t, semantics)
 
-    def loss(self, latents: torch.Tensor, labels: torch.Tensor, t=None, noise=None):
+    def loss(self, latents: torch.Tensor, labels: torch.Tensor, t=None, noise=None, scale_targets=None):
         """(total, per_scale). `t` and `noise`, when given, are lists per scale ((B,), (B, s^2, C));
-        then no randomness is drawn and no label is dropped."""
+        then no randomness is drawn and no label is dropped. `scale_targets`: see scale_maps."""
         cfg = self.config
         given = t is not None and noise is not None
         if self.training and not given and cfg.label_drop > 0:
             drop = torch.rand(labels.shape, device=labels.device) < cfg.label_drop
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        sem = self.semantics(latents, labels)
-        maps = pyramid.targets(latents, cfg.scales)
+        maps = self.scale_maps(latents, scale_targets)
+        sem = self.ar(pyramid.teacher_inputs(maps, cfg.scales, cfg.scale_input), labels)
         per_scale = []
         for k, (start, end) in enumerate(pyramid.segments(cfg.scales)):
             x = pyramid.to_tokens(maps[k])
@@ -117,6 +132,9 @@ class FlowAR(nn.Module):
                                            guidance_high=guidance_high).items() if v is not None}
         conf = from_dict(SamplerConfig, {**to_dict(conf), **overrides}, "sampler")
         mc = self.config
+        if mc.objective == "diffusion" and conf.solver != "euler":
+            raise ConfigError(f"sampler.solver={conf.solver!r} needs model.objective='flow'; the "
+                              "diffusion objective samples with DDIM (leave solver=euler)")
         device, dtype = self.ar.pos_embed.device, self.ar.pos_embed.dtype
         if labels is None:
             if num_samples is None:
