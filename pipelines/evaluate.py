@@ -1,0 +1,258 @@
+"""`flowar evaluate`: FID, IS, KID and precision/recall of a trained model, sharded over Ray.
+
+    flowar evaluate configs/eval-fashion-mnist.yaml generation.checkpoint=runs/export sampler.cfg=2.0
+
+Generation and Inception features run in Ray actors (GPU when the cluster has one). Every sample
+is defined by its global index, shards are fixed index ranges, and each finished shard is written
+to the output folder, so the result does not depend on the number of workers and a killed
+evaluation resumes where it stopped. Workers return mergeable float64 statistics; the metrics are
+torch-fidelity's formulas on the merged data. Reference statistics come from an image source
+(computed by the same actors, cached by source, extractor and resolution) or an ADM-style .npz.
+Results go to MLflow (the training run when known), as a table and a JSON report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowar.config import ConfigError, SamplerConfig, to_dict
+from pipelines.config import MLflowConfig, RayConfig, load_config
+
+
+@dataclass
+class GenerationConfig:
+    checkpoint: str = ""  # a from_pretrained folder (config.json, model.safetensors, latents.json)
+    use_ema: bool = True  # use <checkpoint>/ema.safetensors when the export has one
+    vae: str = ""  # override the VAE named by <checkpoint>/latents.json (folder, file or hub id)
+    num_samples: int = 50000  # the standard protocol: 50 per class of ImageNet's 1000
+    samples_per_class: int = 50
+    seed: int = 0
+    batch_size: int = 64
+    shard_size: int = 1000  # a multiple of batch_size; the unit of resumption
+    grid_classes: int = 8  # sample grid: first samples of the first classes
+    grid_per_class: int = 8
+    save_images: bool = False  # keep every generated image (uint8) in the shard files
+
+
+@dataclass
+class ReferenceConfig:
+    source: str = ""  # 'fashion-mnist[:test|train]', a folder of images, or an ADM-style .npz (mu, sigma)
+    resolution: int = 0  # images are center-cropped/resized to this; 0: the generated resolution
+    max_images: int = 0  # 0: all images of the source
+    batch_size: int = 64
+    shard_size: int = 1000
+
+
+@dataclass
+class MetricsConfig:
+    fid: bool = True
+    isc: bool = True  # reported only when the Inception weights have a real logits layer
+    kid: bool = False
+    prc: bool = False
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # capped at the smaller set (recorded in the report)
+    prc_neighborhood: int = 3
+    isc_splits: int = 10
+
+
+@dataclass
+class InceptionConfig:
+    weights: str = ""  # empty: torch-fidelity's cached file, else fid-helper's converted copy, else download
+    allow_download: bool = True
+
+
+@dataclass
+class WorkersConfig:
+    num_workers: int = 0  # 0: one per GPU, else one per CPU of the cluster (capped by the shards)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used only when the cluster has GPUs
+    device: str = "auto"  # auto: cuda in a worker that got a GPU, else cpu
+
+
+@dataclass
+class EvalConfig:
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    inception: InceptionConfig = field(default_factory=InceptionConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    output_dir: str = ""  # shards, grid and report; empty: $FLOWAR_HOME/eval/<settings hash>
+    run_id: str = ""  # MLflow run to log into; empty: <checkpoint>/mlflow.json's, else a new run
+    step: int = -1  # checkpoint step for the metrics; -1: <checkpoint>/mlflow.json's, else 0
+    metric_prefix: str = "eval"
+
+    def __post_init__(self):
+        g, r = self.generation, self.reference
+        if not g.checkpoint:
+            raise ConfigError("generation.checkpoint is required (a folder written by save_pretrained)")
+        for key, ok in {"generation.num_samples": g.num_samples >= 2,
+                        "generation.samples_per_class": g.samples_per_class >= 1,
+                        "generation.batch_size": g.batch_size >= 1,
+                        "generation.shard_size": g.shard_size >= 1 and g.shard_size % g.batch_size == 0,
+                        "reference.shard_size": r.shard_size >= 1 and r.shard_size % r.batch_size == 0,
+                        "metrics.prc_neighborhood": self.metrics.prc_neighborhood >= 1}.items():
+            if not ok:
+                raise ConfigError(f"{key} is invalid (shard sizes must be multiples of batch sizes; "
+                                  "at least 2 samples)")
+        if not r.source:
+            raise ConfigError("reference.source is required: fashion-mnist[:test], a folder, or a .npz")
+
+
+def settings_key(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(ckpt: Path) -> dict:
+    """What makes two checkpoints the same for resumption: file names, sizes and mtimes."""
+    files = sorted(p for p in ckpt.iterdir() if p.is_file())
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
+
+
+def read_training_link(ckpt: Path) -> dict:
+    """{run_id, step} a training export may leave in mlflow.json (optional)."""
+    p = ckpt / "mlflow.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def vae_spec(cfg: EvalConfig, ckpt: Path) -> dict:
+    if cfg.generation.vae:
+        return {"id": cfg.generation.vae}
+    meta_path = ckpt / "latents.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"generation.checkpoint={str(ckpt)!r} has no latents.json naming its VAE; "
+                          "set generation.vae")
+    try:
+        from pipelines.latents import read_metadata
+        vae = read_metadata(ckpt).vae
+    except ImportError:
+        vae = json.loads(meta_path.read_text())["vae"]
+    return dict(vae)
+
+
+def main(cfg: EvalConfig) -> dict:
+    """Run the evaluation; returns the report (also written to <output_dir>/report.json)."""
+    import ray
+
+    from pipelines.eval_run import (compute_reference, grid_png, log_to_mlflow, make_workers,
+                                    print_table, run_shards, summarise_shards)
+    from pipelines import metrics as M
+    from pipelines.inception import file_digest, resolve_weights
+
+    g = cfg.generation
+    ckpt = Path(g.checkpoint).expanduser().resolve()
+    if not (ckpt / "config.json").is_file():
+        raise ConfigError(f"generation.checkpoint={g.checkpoint!r} is not a save_pretrained folder "
+                          "(no config.json)")
+    ema_file = ckpt / "ema.safetensors"
+    generator = {"checkpoint": str(ckpt), "ema_file": str(ema_file) if g.use_ema and ema_file.is_file() else "",
+                 "vae": vae_spec(cfg, ckpt), "seed": g.seed, "samples_per_class": g.samples_per_class,
+                 "sampler": to_dict(cfg.sampler)}
+    link = read_training_link(ckpt)
+    step = cfg.step if cfg.step >= 0 else int(link.get("step", 0))
+    run_id = cfg.run_id or link.get("run_id", "")
+    need_features = cfg.metrics.kid or cfg.metrics.prc
+    from flowar.sampling import time_grid
+    time_grid(cfg.sampler.num_steps, cfg.sampler.time_grid)  # refuse a bad sampler before any work
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+    # Resolved (and converted, once) here: workers on every node get one explicit file.
+    weights = resolve_weights(cfg.inception.weights, cfg.inception.allow_download)
+    shards = [(s, min(s + g.shard_size, g.num_samples)) for s in range(0, g.num_samples, g.shard_size)]
+
+    settings = {"checkpoint": str(ckpt), "checkpoint_files": checkpoint_identity(ckpt),
+                "weights": "ema" if generator["ema_file"] else "model", "vae": generator["vae"],
+                "sampler": to_dict(cfg.sampler), "seed": g.seed, "num_samples": g.num_samples,
+                "samples_per_class": g.samples_per_class, "batch_size": g.batch_size,
+                "shard_size": g.shard_size, "extractor": file_digest(weights) if weights else "download",
+                "keep_features": need_features, "save_images": g.save_images,
+                "grid": [g.grid_classes, g.grid_per_class]}
+    root = Path(os.environ.get("FLOWAR_HOME", Path.cwd() / "flowar-runs"))
+    out = Path(cfg.output_dir or root / "eval" / settings_key(settings)).expanduser()
+    guard = out / "settings.json"
+    if guard.is_file() and json.loads(guard.read_text()) != settings:
+        old = json.loads(guard.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise ConfigError(f"output_dir={str(out)!r} holds shards of a different evaluation "
+                          f"(differs in: {', '.join(diff)}); use another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    guard.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    workers, worker_info = make_workers(cfg, str(weights or ""), generator, len(shards))
+    extractor = ray.get(workers[0].extractor_info.remote())
+
+    grid_indices = [c * g.samples_per_class + j for c in range(g.grid_classes)
+                    for j in range(min(g.grid_per_class, g.samples_per_class))]
+    grid_indices = [i for i in grid_indices if i < g.num_samples]
+    gen_run = run_shards(workers, shards, out / "shards", dict(
+        batch_size=g.batch_size, keep_features=need_features, keep_images=g.save_images,
+        grid_indices=grid_indices), desc="generate+features")
+    gen = summarise_shards(gen_run["files"])
+    resolution = cfg.reference.resolution or gen["resolution"]
+    ref = compute_reference(cfg, workers, extractor, resolution, need_features)
+    for w in workers:
+        ray.kill(w)
+
+    mu, sigma = gen["stats"].mu_sigma()
+    results: dict[str, float | str] = {}
+    m = cfg.metrics
+    if m.fid:
+        results["fid"] = M.fid(mu, sigma, ref["mu"], ref["sigma"])
+    if m.isc:
+        if gen["logits"] is None:
+            results["inception_score"] = "unavailable: the Inception weights have no logits layer"
+        else:
+            results["inception_score"], results["inception_score_std"] = M.inception_score(
+                gen["logits"], m.isc_splits)
+    for name, wanted in (("kid", m.kid), ("precision/recall", m.prc)):
+        if wanted and ref["features"] is None:
+            results[name] = "unavailable: the reference is a statistics file without features"
+    if m.kid and ref["features"] is not None:
+        results["kid"], results["kid_std"] = M.kid(gen["features"], ref["features"], m.kid_subsets,
+                                                   m.kid_subset_size)
+    if m.prc and ref["features"] is not None:
+        results["precision"], results["recall"] = M.precision_recall(
+            gen["features"], ref["features"], m.prc_neighborhood)
+
+    grid_path = grid_png(gen["grid"], g.grid_per_class, out / "samples.png")
+    report = {"results": results, "step": step, "num_generated": gen["stats"].count,
+              "num_reference": ref["count"], "resolution": gen["resolution"],
+              "reference_resolution": resolution, "extractor": extractor,
+              "reference": {k: v for k, v in ref.items() if k not in ("mu", "sigma", "features")},
+              "shards": {"total": len(shards), "resumed": gen_run["resumed"],
+                         "computed": gen_run["computed"]},
+              "throughput": gen_run["throughput"], "workers": worker_info,
+              "kid_subset_size": min(m.kid_subset_size, gen["stats"].count, ref["count"]),
+              "settings": settings, "config": to_dict(cfg), "output_dir": str(out)}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    report["mlflow_run_id"] = log_to_mlflow(cfg, run_id, step, results, report, out / "report.json",
+                                            grid_path)
+    print_table(results, report)
+    return report
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="FID / IS / KID / precision-recall of a checkpoint, sharded over Ray",
+        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config (see configs/eval-*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampler.cfg=2.0 "
+                   "generation.num_samples=10000 metrics.prc=true")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    overrides = list(args.overrides)
+    path = args.config
+    if path and "=" in path and not Path(path).is_file():  # only overrides were given
+        overrides, path = [path] + overrides, None
+    cfg = load_config(EvalConfig, path, overrides)
+    main(cfg)
+    return 0
