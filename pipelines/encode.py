@@ -1,0 +1,277 @@
+"""`flowar encode`: images -> VAE posterior moments -> a latent pyramid dataset (pipelines.latents).
+
+Ray Data, streaming (memory stays flat however many images):
+
+    shards (names only) --map_batches(decode_items, CPU tasks)--> cropped uint8 images
+        --map_batches(LatentWriter, ActorPoolStrategy, num_gpus when the cluster has GPUs)-->
+        parts written by the actors themselves --> one summary row per part back to the driver
+
+The images are cut into fixed shards of `encode.shard_size` (by sorted key). Each actor writes
+what it receives as parts covering ranges of a shard, atomically. A re-run keeps every shard whose
+parts cover it exactly and redoes the others (dropping their partial parts), so a killed run
+resumes with no duplicates and no gaps. Unreadable images become rows of rejects.jsonl, never a
+dead job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flowar.config import ConfigError
+from pipelines import latents, storage
+from pipelines.config import RayConfig, load_config
+from pipelines.sources import SourceConfig
+
+
+@dataclass
+class VAESection:
+    spec: str = ""  # diffusers folder, hub id (org/name[:subfolder]) or LDM checkpoint (.ckpt/.pt)
+    ldm_config: dict = field(default_factory=dict)  # LDM checkpoints only; empty: MAR's KL-16
+
+
+@dataclass
+class EncodeSection:
+    resolution: int = 32  # side of the center crop
+    flip: bool = True  # also store the horizontally flipped image's moments (MAR does)
+    pyramid: list[int] = field(default_factory=list)  # coarser sides to store as mean_s{k}
+    dtype: Literal["float32", "float16"] = "float32"
+    shard_size: int = 1000  # images per resume unit
+    batch_size: int = 64  # images per VAE forward pass
+    actors: int = 1  # size of the encoder actor pool
+    actor_cpus: float = 1.0  # CPUs per actor (its torch threads on CPU)
+    actor_gpus: float = 1.0  # GPUs per actor, used only when the cluster has GPUs
+
+
+@dataclass
+class EncodeConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    vae: VAESection = field(default_factory=VAESection)
+    output: str = ""  # dataset directory, local or URI
+    overwrite: bool = False  # start over when output holds a dataset made with other settings
+    encode: EncodeSection = field(default_factory=EncodeSection)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+class LatentWriter:
+    """Actor: loads the VAE once, encodes batches of cropped images, writes them as parts."""
+
+    def __init__(self, cfg: dict, meta_json: str, out: str):
+        import torch
+
+        from flowar.vae import load_vae
+        self.cfg, self.out = cfg, out
+        self.meta = latents.LatentDatasetMeta.from_json(meta_json)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(cfg["encode"]["actor_cpus"])))
+        self.vae, info = load_vae(cfg["vae"]["spec"], self.device, cfg["vae"]["ldm_config"] or None)
+        if info.sha256 != self.meta.vae["sha256"]:  # e.g. a node with another copy of the file
+            raise RuntimeError(f"VAE {info.id} on this node hashes to {info.sha256[:12]}, the driver's "
+                               f"to {self.meta.vae['sha256'][:12]}")
+
+    def _moments(self, images):
+        import torch
+        import torch.nn.functional as F
+
+        from flowar.vae import encode_moments
+        enc = self.cfg["encode"]
+        dtype = getattr(torch, self.meta.dtype)
+        out = {name: [] for name in ("mean", "std", "mean_flip", "std_flip")}
+        for s in range(0, len(images), enc["batch_size"]):
+            x = torch.from_numpy(images[s:s + enc["batch_size"]].copy()).permute(0, 3, 1, 2)
+            x = x.float().div(127.5).sub(1.0)
+            views = [("", x)] + ([("_flip", x.flip(3))] if self.meta.flip else [])
+            for suffix, view in views:
+                mean, std = encode_moments(self.vae, view)
+                out["mean" + suffix].append(mean.cpu())
+                out["std" + suffix].append(std.cpu())
+        cols = {k: torch.cat(v) for k, v in out.items() if v}
+        for side in self.meta.scales[:-1]:  # coarser pyramid levels of the mean, area-downsampled
+            cols[f"mean_s{side}"] = F.interpolate(cols["mean"], size=(side, side), mode="area")
+        return {k: v.to(dtype).numpy() for k, v in cols.items()}
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        summary = {k: [] for k in ("shard", "start", "end", "images", "rejects", "bytes")}
+        order = np.lexsort((batch["index"], batch["shard"]))
+        shard, index = batch["shard"][order], batch["index"][order]
+        # Split into runs of consecutive indices of one shard: each run becomes one part.
+        cut = np.flatnonzero((np.diff(shard) != 0) | (np.diff(index) != 1)) + 1
+        for run in np.split(order, cut):
+            if not len(run):
+                continue
+            ok = run[batch["reason"][run] == ""]
+            bad = run[batch["reason"][run] != ""]
+            cols = {"key": batch["key"][ok].astype(str).tolist(), "label": batch["label"][ok]}
+            if len(ok):
+                cols.update(self._moments(batch["image"][ok]))
+            rejects = [{"key": str(batch["key"][i]), "source": str(batch["ref"][i]),
+                        "reason": str(batch["reason"][i])} for i in bad]
+            s, a, b = int(batch["shard"][run[0]]), int(batch["index"][run[0]]), int(batch["index"][run[-1]]) + 1
+            nbytes = latents.write_part(self.out, s, a, b, cols, rejects, self.meta)
+            for k, v in (("shard", s), ("start", a), ("end", b), ("images", len(ok)),
+                         ("rejects", len(bad)), ("bytes", nbytes)):
+                summary[k].append(v)
+        return {k: np.asarray(v, np.int64) for k, v in summary.items()}
+
+
+def _job_record(meta: latents.LatentDatasetMeta, cfg: EncodeConfig, items) -> dict:
+    """What must stay the same for a resume to be correct."""
+    keys = hashlib.sha256("\n".join(k for k, _, _ in items).encode()).hexdigest()
+    static = {k: v for k, v in json.loads(meta.to_json()).items()
+              if k not in ("count", "rejects", "created", "code_version")}
+    return {"meta": static, "shard_size": cfg.encode.shard_size, "items": len(items), "keys_sha256": keys}
+
+
+def _prepare_output(cfg: EncodeConfig, record: dict) -> None:
+    """Refuse (or with overwrite, clear) an output made with other settings; note ours."""
+    import pyarrow.fs as pafs
+    fs, root = storage.resolve(cfg.output)
+    job = f"{root}/_job.json"
+    if fs.get_file_info(job).is_file:
+        with fs.open_input_stream(job) as f:
+            old = json.loads(f.read())
+        if old != record and not cfg.overwrite:
+            flat_old = {**old.pop("meta"), **old}
+            flat_new = {**record["meta"], **{k: v for k, v in record.items() if k != "meta"}}
+            diff = [k for k in flat_new if flat_old.get(k) != flat_new.get(k)]
+            raise ConfigError(f"output {storage.display(cfg.output)} holds a dataset made with other "
+                              f"settings ({', '.join(diff)} differ); set overwrite=true or choose another output")
+        if old != record:
+            fs.delete_dir_contents(root)
+    elif fs.get_file_info(root).type != pafs.FileType.NotFound and not cfg.overwrite:
+        if fs.get_file_info(pafs.FileSelector(root)):
+            raise ConfigError(f"output {storage.display(cfg.output)} exists and is not a flowar encode "
+                              "output; choose an empty or new directory, or set overwrite=true")
+    elif cfg.overwrite and fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(root)
+    fs.create_dir(root, recursive=True)
+    fs.create_dir(f"{root}/rejects", recursive=True)
+    with fs.open_output_stream(job) as f:
+        f.write(json.dumps(record, indent=1).encode())
+
+
+def _init_ray(cfg: EncodeConfig):
+    import ray
+    if not ray.is_initialized():
+        need = cfg.encode.actors * cfg.encode.actor_cpus + 1  # + one decode task at a time
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {"PYTHONPATH": root, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+        ray.init(address=cfg.ray.address or None, num_cpus=None if cfg.ray.address else num_cpus,
+                 include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    return ray
+
+
+def run_encode(cfg: EncodeConfig) -> dict:
+    """Encode (or resume encoding) cfg.source into cfg.output; returns the summary."""
+    from flowar.vae import load_vae
+    from pipelines.sources import list_items
+
+    enc = cfg.encode
+    if not cfg.output:
+        raise ConfigError("output is empty: give the dataset directory (local path or URI)")
+    if not cfg.vae.spec:
+        raise ConfigError("vae.spec is empty: give a diffusers folder, hub id or LDM checkpoint")
+    for name in ("resolution", "shard_size", "batch_size", "actors"):
+        if getattr(enc, name) < 1:
+            raise ConfigError(f"encode.{name}={getattr(enc, name)} must be at least 1")
+    items, classes = list_items(cfg.source)
+    try:
+        _, info = load_vae(cfg.vae.spec, "cpu", cfg.vae.ldm_config or None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"vae.spec={cfg.vae.spec!r}: {e}") from None
+    if enc.resolution % info.downsample:
+        raise ConfigError(f"encode.resolution={enc.resolution} is not a multiple of the VAE's "
+                          f"downsampling factor {info.downsample}")
+    latent_size = enc.resolution // info.downsample
+    bad = [s for s in enc.pyramid if not 1 <= s < latent_size]
+    if bad:
+        raise ConfigError(f"encode.pyramid={enc.pyramid}: sides {bad} are not coarser than the "
+                          f"{latent_size}x{latent_size} latent")
+    source = {k: v for k, v in vars(cfg.source).items() if k in ("kind", "path", "split", "limit")}
+    meta = latents.LatentDatasetMeta(
+        vae=info.to_dict(), resolution=enc.resolution, latent_size=latent_size,
+        latent_channels=info.latent_channels, scales=sorted(set(enc.pyramid)) + [latent_size],
+        dtype=enc.dtype, num_classes=len(classes), class_names=classes, flip=enc.flip,
+        source=source, code_version=latents.code_version())
+    _prepare_output(cfg, _job_record(meta, cfg, items))
+
+    shards = [items[i:i + enc.shard_size] for i in range(0, len(items), enc.shard_size)]
+    parts = latents.list_parts(cfg.output)
+    done = {s for s, ranges in parts.items() if s < len(shards) and latents.covers(ranges, len(shards[s]))}
+    stale = [p for s, ranges in parts.items() if s not in done for _, _, p in ranges]
+    latents.remove(cfg.output, stale)  # partial shards of a killed run are redone whole
+    todo = [s for s in range(len(shards)) if s not in done]
+    print(f"flowar encode: {len(items)} images in {len(shards)} shards; {len(done)} already "
+          f"written, {len(todo)} to do -> {storage.display(cfg.output)}", file=sys.stderr)
+
+    images = rejects = nbytes = 0
+    elapsed = 0.0
+    if todo:
+        images, rejects, nbytes, elapsed = _run_pipeline(cfg, meta, shards, todo,
+                                                         sum(len(shards[s]) for s in todo))
+    final = latents.finalise(cfg.output, meta)
+    summary = {"images": images, "rejects": rejects, "seconds": round(elapsed, 2),
+               "images_per_s": round(images / elapsed, 2) if images else 0.0, "bytes": nbytes,
+               "shards_done": len(todo), "shards_skipped": len(done),
+               "dataset_count": final.count, "dataset_rejects": final.rejects,
+               "output": storage.display(cfg.output)}
+    print("flowar encode: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
+    return summary
+
+
+def _run_pipeline(cfg, meta, shards, todo, total):
+    from tqdm import tqdm
+
+    from flowar.config import to_dict
+    from pipelines.sources import decode_items
+    ray = _init_ray(cfg)
+    enc = cfg.encode
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours below counts images, Ray's would count blocks
+    rows = [{"shard": s, "keys": [k for k, _, _ in shards[s]], "labels": [y for _, y, _ in shards[s]],
+             "refs": [r for _, _, r in shards[s]]} for s in todo]
+    gpus = enc.actor_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(decode_items, batch_size=1, num_cpus=1, batch_format="numpy",
+                        fn_kwargs={"source": to_dict(cfg.source), "resolution": enc.resolution})
+    ds = ds.map_batches(LatentWriter, batch_size=enc.shard_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=enc.actors),
+                        num_cpus=enc.actor_cpus, num_gpus=gpus,
+                        fn_constructor_args=(to_dict(cfg), meta.to_json(), cfg.output))
+    images = rejects = nbytes = 0
+    start = time.time()  # after Ray's start: images/s measures the pipeline (actor start included)
+    with tqdm(total=total, unit="img", desc="encode", file=sys.stderr, dynamic_ncols=True) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            images += int(batch["images"].sum())
+            rejects += int(batch["rejects"].sum())
+            nbytes += int(batch["bytes"].sum())
+            bar.update(int(batch["images"].sum() + batch["rejects"].sum()))
+            bar.set_postfix(rejects=rejects, MB=round(nbytes / 2**20, 1))
+    return images, rejects, nbytes, time.time() - start
+
+
+def main(args) -> int:
+    cfg = load_config(EncodeConfig, args.config, args.overrides)
+    run_encode(cfg)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "encode", help="encode images through a VAE into a latent pyramid dataset (Parquet)",
+        description="Encode an image source (class folders, Parquet/WebDataset shards, fashion-mnist) "
+                    "through any diffusers VAE or the KL-16 checkpoint into Parquet latent moments, on "
+                    "Ray Data. Re-running resumes: finished shards are kept.",
+        epilog="example: flowar encode configs/encode-fashion-mnist.yaml source.limit=2000 "
+               "output=./data/fm-latents")
+    p.add_argument("config", help="YAML config (see configs/encode-*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encode.actors=2")
+    p.set_defaults(func=main)

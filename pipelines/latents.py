@@ -1,0 +1,296 @@
+"""The latent pyramid dataset: what `flowar encode` writes and training/evaluation read.
+
+A dataset is a directory (local or any pyarrow-filesystem URI) holding
+
+    metadata.json                      LatentDatasetMeta, the authoritative record
+    _common_metadata                   the same record in a schema-only Parquet file
+    part-SSSSS-AAAAAAA-BBBBBBB.parquet rows A..B-1 of source shard S (rejected images left out)
+    rejects.jsonl                      one {"key", "source", "reason"} per image that was skipped
+    rejects/part-...jsonl              the rejects of each part, merged into rejects.jsonl
+
+Columns: `key` (string, unique), `label` (int64), `mean`, `std` (the VAE posterior's raw moments,
+fixed-shape tensors (C, h, w)), `mean_flip`/`std_flip` when the horizontal flip was encoded too,
+and `mean_s{k}` (area-downsampled means, (C, k, k)) for coarser scales when asked. Storing the
+moments rather than a sample lets training draw a fresh posterior sample each epoch (MAR's cache,
+kohya-ss/sd-scripts#1709), and `sample_latents` applies the VAE's normalisation.
+
+A part file appears by an atomic rename once complete, so its presence means "done": that is what
+makes a killed `flowar encode` resumable without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flowar.config import ConfigError
+from pipelines import storage
+
+FORMAT_VERSION = 1
+META_KEY = b"flowar.latents"  # key of the JSON record in each Parquet file's schema metadata
+PART_RE = re.compile(r"part-(\d{5})-(\d{7})-(\d{7})\.parquet$")
+
+
+@dataclass
+class LatentDatasetMeta:
+    format_version: int = FORMAT_VERSION
+    vae: dict = field(default_factory=dict)  # VAEInfo.to_dict(): id, sha256, kind, latent_channels, ...
+    resolution: int = 0  # image side after the center crop
+    latent_size: int = 0  # latent side = resolution // vae downsample
+    latent_channels: int = 0
+    scales: list[int] = field(default_factory=list)  # sides stored: coarser `mean_s{k}` + latent_size
+    dtype: str = "float32"
+    count: int = 0  # images stored (rejects excluded)
+    rejects: int = 0
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    flip: bool = False  # mean_flip/std_flip present
+    crop: str = "adm_center"
+    source: dict = field(default_factory=dict)
+    code_version: str = ""
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "metadata") -> "LatentDatasetMeta":
+        data = json.loads(text)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown} (written by a newer flowar?)")
+        meta = cls(**data)
+        if meta.format_version != FORMAT_VERSION:
+            raise ConfigError(f"{where}: latent format version {meta.format_version}, this flowar "
+                              f"reads version {FORMAT_VERSION}; re-encode the dataset")
+        return meta
+
+
+def code_version() -> str:
+    """`flowar <version>+g<commit>` when run from a git checkout, so a dataset names its maker."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        text = f"flowar {version('flowar')}"
+    except PackageNotFoundError:
+        text = "flowar (not installed)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        if commit:
+            text += f"+g{commit}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return text
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing (used by pipelines.encode; every part is complete or absent)
+# ------------------------------------------------------------------------------------------------
+
+def part_name(shard: int, start: int, end: int) -> str:
+    return f"part-{shard:05d}-{start:07d}-{end:07d}.parquet"
+
+
+def tensor_array(array):
+    """(N, *shape) numpy -> a canonical arrow.fixed_shape_tensor column (Ray and pyarrow read it)."""
+    import numpy as np
+    import pyarrow as pa
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+
+
+def _write_atomic(fs, path: str, write) -> int:
+    """write(tmp_path) then rename, so readers and resumes never see half a file; returns bytes."""
+    import uuid
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
+    write(tmp)
+    fs.move(tmp, path)
+    return fs.get_file_info(path).size
+
+
+def write_part(out: str, shard: int, start: int, end: int, columns: dict, rejects: list[dict],
+               meta: LatentDatasetMeta) -> int:
+    """Write one part (and its rejects, first) atomically; returns bytes written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = storage.resolve(out)
+    name = part_name(shard, start, end)
+    payload = "".join(json.dumps(r) + "\n" for r in rejects).encode()
+
+    def write_rejects(tmp):
+        with fs.open_output_stream(tmp) as f:
+            f.write(payload)
+    nbytes = _write_atomic(fs, f"{root}/rejects/{name[:-8]}.jsonl", write_rejects)
+    arrays = {k: (tensor_array(v) if getattr(v, "ndim", 1) > 1 else pa.array(v)) for k, v in columns.items()}
+    if not len(columns.get("key", [])):  # every row rejected: an empty part still marks the range done
+        arrays = {"key": pa.array([], pa.string()), "label": pa.array([], pa.int64())}
+    table = pa.table(arrays).replace_schema_metadata({META_KEY: meta.to_json().encode()})
+    return nbytes + _write_atomic(fs, f"{root}/{name}",
+                                  lambda tmp: pq.write_table(table, tmp, filesystem=fs))
+
+
+def list_parts(path: str) -> dict[int, list[tuple[int, int, str]]]:
+    """{shard: [(start, end, full path), ...]} of the complete parts under `path`."""
+    import pyarrow.fs as pafs
+    fs, root = storage.resolve(path)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return {}
+    parts: dict[int, list] = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        m = PART_RE.fullmatch(info.base_name)
+        if m:
+            parts.setdefault(int(m[1]), []).append((int(m[2]), int(m[3]), info.path))
+    return {s: sorted(v) for s, v in parts.items()}
+
+
+def covers(ranges: list[tuple[int, int, str]], length: int) -> bool:
+    """True when the ranges tile [0, length) exactly, with no overlap and no gap."""
+    pos = 0
+    for start, end, _ in sorted(ranges):
+        if start != pos:
+            return False
+        pos = end
+    return pos == length
+
+
+def remove(path: str, paths: list[str]) -> None:
+    fs, root = storage.resolve(path)
+    for p in paths:
+        fs.delete_file(p)
+        rejects = f"{root}/rejects/{p.rsplit('/', 1)[1][:-8]}.jsonl"
+        if fs.get_file_info(rejects).is_file:
+            fs.delete_file(rejects)
+
+
+def finalise(path: str, meta: LatentDatasetMeta) -> LatentDatasetMeta:
+    """Count rows and rejects over all parts, merge rejects.jsonl, write metadata.json and
+    _common_metadata. Returns the completed metadata."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, root = storage.resolve(path)
+    parts = [p for ranges in list_parts(path).values() for _, _, p in ranges]
+    meta.count = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in sorted(parts))
+    rejects = b""
+    for p in sorted(parts):
+        rp = f"{root}/rejects/{p.rsplit('/', 1)[1][:-8]}.jsonl"
+        if fs.get_file_info(rp).is_file:
+            with fs.open_input_stream(rp) as f:
+                rejects += f.read()
+    meta.rejects = rejects.count(b"\n")
+    with fs.open_output_stream(f"{root}/rejects.jsonl") as f:
+        f.write(rejects)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.base_name.startswith(".tmp-"):  # left by a killed run
+            fs.delete_file(info.path)
+    meta.created = meta.created or now()
+    with fs.open_output_stream(f"{root}/metadata.json") as f:
+        f.write(meta.to_json().encode())
+    if parts:
+        schema = pq.ParquetFile(sorted(parts)[0], filesystem=fs).schema_arrow
+        pq.write_metadata(schema.with_metadata({META_KEY: meta.to_json().encode()}),
+                          f"{root}/_common_metadata", filesystem=fs)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+def read_metadata(path: str) -> LatentDatasetMeta:
+    fs, root = storage.resolve(path)
+    if not fs.get_file_info(f"{root}/metadata.json").is_file:
+        raise ConfigError(f"latent dataset {storage.display(path)}: no metadata.json (not a finished "
+                          "`flowar encode` output; re-run the encode to complete it)")
+    with fs.open_input_stream(f"{root}/metadata.json") as f:
+        return LatentDatasetMeta.from_json(f.read(), f"latent dataset {storage.display(path)}")
+
+
+def part_files(path: str) -> list[str]:
+    files = sorted(p for ranges in list_parts(path).values() for _, _, p in ranges)
+    if not files:
+        raise ConfigError(f"latent dataset {storage.display(path)} has no part files")
+    return files
+
+
+def check_compatible(meta: LatentDatasetMeta, model_config, vae: dict | None = None) -> None:
+    """Refuse a dataset that does not fit a model config (FlowARConfig), naming the field."""
+    if meta.latent_channels != model_config.latent_channels:
+        raise ConfigError(f"latent_channels: the dataset has {meta.latent_channels}-channel latents "
+                          f"(VAE {meta.vae.get('id')}), model.latent_channels={model_config.latent_channels}")
+    if meta.latent_size != model_config.scales[-1]:
+        raise ConfigError(f"latent_size: the dataset's latents are {meta.latent_size}x{meta.latent_size}, "
+                          f"but model.scales={list(model_config.scales)} ends at {model_config.scales[-1]}")
+    if meta.num_classes > model_config.num_classes:
+        raise ConfigError(f"num_classes: the dataset has {meta.num_classes} classes, more than "
+                          f"model.num_classes={model_config.num_classes}")
+    if vae is not None:
+        for key in ("sha256", "scaling_factor", "shift_factor"):
+            if key in vae and vae[key] != meta.vae.get(key):
+                raise ConfigError(f"vae.{key}: the dataset was encoded with {meta.vae.get(key)!r} "
+                                  f"(VAE {meta.vae.get('id')}), the given VAE has {vae[key]!r}")
+
+
+def ray_dataset(path: str, columns: list[str] | None = None):
+    """The dataset as a ray.data.Dataset (tensor columns come back as (C, h, w) arrays)."""
+    import ray
+
+    fs, _ = storage.resolve(path)
+    ds = ray.data.read_parquet(part_files(path), filesystem=fs)
+    return ds.select_columns(columns) if columns else ds
+
+
+def sample_latents(mean, std, meta: LatentDatasetMeta, generator=None):
+    """A fresh posterior sample, normalised as the model sees it: (mean + std*eps - shift) * scale."""
+    import torch
+
+    mean, std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+    z = mean + std * eps
+    return (z - float(meta.vae.get("shift_factor", 0.0))) * float(meta.vae.get("scaling_factor", 1.0))
+
+
+class TorchLatentDataset:
+    """A plain torch Dataset over a latent dataset, for one machine (holds it in memory).
+
+    Items: {"key", "label", "mean", "std"}; with `random_flip` and flipped moments stored, each
+    access returns the flipped pair half of the time (MAR's augmentation)."""
+
+    def __init__(self, path: str, random_flip: bool = True):
+        import numpy as np
+        import pyarrow.parquet as pq
+        import torch
+
+        self.meta = read_metadata(path)
+        fs, _ = storage.resolve(path)
+        tables = [pq.read_table(p, filesystem=fs) for p in part_files(path)]
+        tables = [t for t in tables if t.num_rows]
+        self.random_flip = random_flip and self.meta.flip
+
+        def col(name):
+            arrays = [t[name].combine_chunks().to_numpy_ndarray() for t in tables]
+            return torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0)
+        self.keys = [k for t in tables for k in t["key"].to_pylist()]
+        self.labels = torch.tensor([x for t in tables for x in t["label"].to_pylist()], dtype=torch.long)
+        names = ["mean", "std"] + (["mean_flip", "std_flip"] if self.random_flip else [])
+        self.columns = {n: col(n) for n in names}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+        flip = self.random_flip and bool(torch.randint(2, ()).item())
+        suffix = "_flip" if flip else ""
+        return {"key": self.keys[i], "label": self.labels[i],
+                "mean": self.columns["mean" + suffix][i].float(),
+                "std": self.columns["std" + suffix][i].float()}

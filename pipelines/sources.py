@@ -1,0 +1,291 @@
+"""Image sources for `flowar encode` and `flowar vae train`, and the paper's preprocessing.
+
+A source lists its images as items (key, label, ref) on the driver (cheap: names only), sorted by
+key so that shard i always holds the same images (what makes resume exact). The bytes are read and
+decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
+
+- `folder`: class subfolders (ImageNet layout), label = index of the sorted folder name;
+- `parquet`: Parquet files with an image column (bytes, or HF-datasets {bytes, path} structs),
+  a label column and optionally a key column;
+- `webdataset`: .tar shards with `<key>.<jpg|png|webp|...>` plus `<key>.cls` (or .json "label");
+- `fashion-mnist`: the IDX files of Debian's dataset-fashion-mnist (torchvision's download when
+  absent), 28x28 grey padded to 32x32.
+
+Paths may be local or any URI pyarrow's filesystems read (s3://, gs://, ...).
+Preprocessing (ADM/MAR `center_crop_arr`): halve with a box filter while the short side is at least
+twice the target, resize the short side to the target with bicubic, crop the center; grey, palette
+and RGBA images become RGB. A file that fails any of this is a reject with its reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from flowar.config import ConfigError
+from pipelines import storage
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+@dataclass
+class SourceConfig:
+    kind: Literal["folder", "parquet", "webdataset", "fashion-mnist"] = "fashion-mnist"
+    path: str = ""  # folder / shard directory / URI; fashion-mnist: the IDX directory (default Debian's)
+    split: Literal["train", "test"] = "train"  # fashion-mnist only
+    limit: int = 0  # keep the first N images (by key); 0 keeps all
+    image_column: str = "image"  # parquet only
+    label_column: str = "label"  # parquet only
+    key_column: str = "key"  # parquet only; when absent, keys are <file>/<row>
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing (driver)
+# ------------------------------------------------------------------------------------------------
+
+def list_items(cfg: SourceConfig) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """([(key, label, ref), ...] sorted by key, class names). Raises ConfigError on bad input."""
+    lister = {"folder": _list_folder, "parquet": _list_parquet, "webdataset": _list_webdataset,
+              "fashion-mnist": _list_fashion_mnist}[cfg.kind]
+    items, classes = lister(cfg)
+    items.sort(key=lambda it: it[0])
+    for a, b in zip(items, items[1:]):
+        if a[0] == b[0]:
+            raise ConfigError(f"source {cfg.kind} {cfg.path!r}: key {a[0]!r} appears twice "
+                              f"({a[2]} and {b[2]}); keys must be unique")
+    if cfg.limit > 0:
+        items = items[:cfg.limit]
+    if not items:
+        raise ConfigError(f"source {cfg.kind} {cfg.path!r} holds no images")
+    return items, classes
+
+
+def _files(path: str, what: str):
+    import pyarrow.fs as pafs
+    if not path:
+        raise ConfigError(f"source.path is empty: give the {what} (local path or URI)")
+    fs, root = storage.resolve(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"source.path {path!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return fs, root, [info]
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, root, sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def _list_folder(cfg):
+    import pyarrow.fs as pafs
+    fs, root, _ = _files(cfg.path, "image folder (class subfolders)")
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    classes = sorted(e.base_name for e in entries
+                     if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
+    if not classes:
+        raise ConfigError(f"source.path {cfg.path!r} has no class subfolders (expected <class>/<image>)")
+    items = []
+    for label, name in enumerate(classes):
+        for info in fs.get_file_info(pafs.FileSelector(f"{root}/{name}", recursive=True)):
+            if info.type == pafs.FileType.File and not info.base_name.startswith("."):
+                key = info.path[len(root) + 1:]
+                items.append((key, label, info.path))
+    return items, classes
+
+
+def _list_parquet(cfg):
+    import pyarrow.parquet as pq
+    fs, root, files = _files(cfg.path, "Parquet shard directory")
+    items, max_label = [], -1
+    for info in (f for f in files if f.base_name.endswith(".parquet")):
+        pf = pq.ParquetFile(info.path, filesystem=fs)
+        names = pf.schema_arrow.names
+        for col in (cfg.image_column, cfg.label_column):
+            if col not in names:
+                raise ConfigError(f"Parquet source {info.path}: no column {col!r} (columns: {names}); "
+                                  "set source.image_column / source.label_column")
+        cols = [cfg.label_column] + ([cfg.key_column] if cfg.key_column in names else [])
+        table = pf.read(columns=cols)
+        labels = table[cfg.label_column].to_pylist()
+        keys = (table[cfg.key_column].to_pylist() if cfg.key_column in names else
+                [f"{info.base_name[:-8]}/{i:07d}" for i in range(len(labels))])
+        for i, (key, label) in enumerate(zip(keys, labels)):
+            items.append((str(key), int(label), f"{info.path}#{i}"))
+            max_label = max(max_label, int(label))
+    return items, [str(i) for i in range(max_label + 1)]
+
+
+def _list_webdataset(cfg):
+    import tarfile
+    fs, root, files = _files(cfg.path, "WebDataset .tar shard directory")
+    groups: dict[str, dict] = {}
+    for info in (f for f in files if f.base_name.endswith(".tar")):
+        with fs.open_input_file(info.path) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                prefix = member.name[: len(member.name) - len(base)]
+                group = groups.setdefault(prefix + key, {})
+                if ext.lower() in IMAGE_EXTS:
+                    group["ref"] = f"{info.path}#{member.name}"
+                elif ext in ("cls", "json"):
+                    text = tar.extractfile(member).read().decode()
+                    group["label"] = int(json.loads(text)["label"] if ext == "json" else text.strip())
+    items, max_label = [], -1
+    for key, g in groups.items():
+        if "ref" in g:
+            items.append((key, g.get("label", 0), g["ref"]))
+            max_label = max(max_label, g.get("label", 0))
+    return items, [str(i) for i in range(max_label + 1)]
+
+
+def _fashion_mnist_dir(cfg) -> str:
+    path = cfg.path or FASHION_MNIST_DIR
+    if os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")):
+        return path
+    if cfg.path:
+        raise ConfigError(f"source.path {path!r} holds no Fashion-MNIST IDX files")
+    try:  # no Debian package: torchvision's download (same IDX files)
+        from torchvision.datasets import FashionMNIST
+        cache = os.path.expanduser("~/.cache/flowar")
+        FashionMNIST(cache, download=True)
+        return os.path.join(cache, "FashionMNIST", "raw")
+    except Exception as e:
+        raise ConfigError(f"Fashion-MNIST: not at {FASHION_MNIST_DIR} (apt-get install "
+                          f"dataset-fashion-mnist) and the download failed: {e}") from None
+
+
+_IDX_CACHE: dict[str, object] = {}
+
+
+def _idx(path: str, header: int):
+    """An IDX gz file as a flat uint8 array, cached per process (tasks reuse their worker)."""
+    import numpy as np
+    if path not in _IDX_CACHE:
+        with gzip.open(path, "rb") as f:
+            _IDX_CACHE[path] = np.frombuffer(f.read(), dtype=np.uint8)[header:]
+    return _IDX_CACHE[path]
+
+
+def _list_fashion_mnist(cfg):
+    root = _fashion_mnist_dir(cfg)
+    prefix = "train" if cfg.split == "train" else "t10k"
+    labels = _idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), 8)
+    items = [(f"fashion-mnist/{cfg.split}/{i:05d}", int(y), f"{root}/{prefix}#{i}")
+             for i, y in enumerate(labels)]
+    return items, list(FASHION_MNIST_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and preprocessing (Ray CPU tasks)
+# ------------------------------------------------------------------------------------------------
+
+def center_crop_arr(image, size: int):
+    """ADM's center crop (guided-diffusion, used by MAR and FlowAR): box-halve, bicubic, crop."""
+    import numpy as np
+    from PIL import Image
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+def _read_raw(kind: str, refs: list[str], cfg: dict) -> list:
+    """Raw bytes (or arrays) per ref, or the exception that reading it raised."""
+    import tarfile
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    out: list = [None] * len(refs)
+    by_file: dict[str, list[tuple[int, str]]] = {}
+    for i, ref in enumerate(refs):
+        if kind == "folder":
+            try:
+                fs, p = storage.resolve(ref) if storage.is_uri(ref) else (None, ref)
+                if fs is None:
+                    with open(p, "rb") as f:
+                        out[i] = f.read()
+                else:
+                    with fs.open_input_stream(p) as f:
+                        out[i] = f.read()
+            except Exception as e:  # unreadable file: a reject, never a dead job
+                out[i] = e
+        else:
+            file, _, part = ref.rpartition("#")
+            by_file.setdefault(file, []).append((i, part))
+    for file, wanted in by_file.items():
+        try:
+            if kind == "fashion-mnist":
+                images = _idx(file + "-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+                for i, part in wanted:
+                    out[i] = np.array(images[int(part)])
+            elif kind == "parquet":
+                fs, p = storage.resolve(file)
+                column = pq.read_table(p, filesystem=fs, columns=[cfg["image_column"]])[0]
+                for i, part in wanted:
+                    value = column[int(part)].as_py()
+                    out[i] = value["bytes"] if isinstance(value, dict) else value
+            else:  # webdataset
+                fs, p = storage.resolve(file)
+                names = {part: i for i, part in wanted}
+                with fs.open_input_file(p) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+                    for member in tar:
+                        if member.name in names:
+                            out[names[member.name]] = tar.extractfile(member).read()
+        except Exception as e:
+            for i, _ in wanted:
+                out[i] = out[i] if out[i] is not None else e
+    return [e if e is not None else FileNotFoundError("not found in its shard") for e in out]
+
+
+def preprocess(raw, resolution: int):
+    """Bytes (any PIL format) or a 28x28 grey array -> uint8 (resolution, resolution, 3)."""
+    import numpy as np
+    from PIL import Image
+    if isinstance(raw, np.ndarray):  # Fashion-MNIST: pad 28 -> 32 with the black background
+        image = Image.fromarray(np.pad(raw, 2)) if raw.shape == (28, 28) else Image.fromarray(raw)
+    else:
+        if not raw:
+            raise ValueError("empty file")
+        image = Image.open(io.BytesIO(raw))
+        image.load()  # decode now: a truncated file fails here, not later
+    image = image.convert("RGB")
+    if image.size == (resolution, resolution):
+        return np.asarray(image, dtype=np.uint8)
+    return center_crop_arr(image, resolution)
+
+
+def decode_items(batch: dict, source: dict, resolution: int) -> dict:
+    """Ray map_batches function: one row per shard in, one row per image out.
+
+    Input rows: shard, keys, labels, refs. Output: shard, index (position in the shard), key,
+    label, ref, image (uint8 HxWx3; zeros for a reject) and reason ("" when the image is good)."""
+    import numpy as np
+    cols = {k: [] for k in ("shard", "index", "key", "label", "ref", "image", "reason")}
+    blank = np.zeros((resolution, resolution, 3), np.uint8)
+    for shard, keys, labels, refs in zip(batch["shard"], batch["keys"], batch["labels"], batch["refs"]):
+        raws = _read_raw(source["kind"], list(refs), source)
+        for index, (key, label, ref, raw) in enumerate(zip(keys, labels, refs, raws)):
+            try:
+                if isinstance(raw, Exception):
+                    raise raw
+                image, reason = preprocess(raw, resolution), ""
+            except Exception as e:
+                image, reason = blank, f"{type(e).__name__}: {e}"[:300]
+            for name, value in (("shard", shard), ("index", index), ("key", key), ("label", label),
+                                ("ref", ref), ("image", image), ("reason", reason)):
+                cols[name].append(value)
+    return {"shard": np.asarray(cols["shard"], np.int64), "index": np.asarray(cols["index"], np.int64),
+            "key": np.asarray(cols["key"], object), "label": np.asarray(cols["label"], np.int64),
+            "ref": np.asarray(cols["ref"], object), "reason": np.asarray(cols["reason"], object),
+            "image": np.stack(cols["image"]) if cols["image"] else blank[None][:0]}
