@@ -85,10 +85,12 @@ case "${1:-}" in
       --object-store-memory=$((STORE_GB * 1024 ** 3)) \
       --ray-client-server-port="$CLIENT" --dashboard-agent-listen-port="$(free_port)" \
       --temp-dir="$TEMP" --disable-usage-stats
+    # Each worker node gets its own temp dir: nodes sharing one would unpack job working dirs
+    # into the same place and overwrite each other's files under running jobs.
     for ((i = 1; i <= WORKERS; i++)); do
       "$BIN/ray" start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 \
         --num-cpus="$CPUS" --num-gpus="$GPUS" --object-store-memory=$((STORE_GB * 1024 ** 3)) \
-        --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats
+        --dashboard-agent-listen-port="$(free_port)" --temp-dir="$TEMP/w$i" --disable-usage-stats
     done
     if [[ "$MLFLOW_PORT" != 0 ]]; then
       MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup "$BIN/mlflow" server \

@@ -1,0 +1,237 @@
+"""`flowar submit` / `flowar jobs` against a real local Ray cluster (clusters/local/cluster.sh:
+a head with no work and one worker node, token auth on, loopback only), plus the upload plan,
+address/token resolution and runtime env, checked without a cluster.
+
+The cluster is ended by clusters/local/cluster.sh stop, which ends only its own processes
+(`ray stop` would also end the Ray runtimes of other tests and programs on the machine)."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "clusters" / "local" / "cluster.sh"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- without a cluster
+
+def _write(path: Path, data: bytes | str = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def test_upload_plan_leaves_out_git_venv_data_checkpoints_and_mlflow(tmp_path):
+    from pipelines.submit import DEFAULT_EXCLUDES, plan_upload
+
+    keep = ["pipelines/cli.py", "flowar/data/loader.py", "configs/train.yaml", "README.md"]
+    drop = [".git/objects/pack/big.pack", ".venv/lib/torch.so", "data/fashion/train.bin",
+            "checkpoints/step_100/model.safetensors", "runs/last.pt", "mlruns/0/meta.yaml",
+            "flowar-runs/mlflow.db", "outputs/samples.npz", "pipelines/__pycache__/cli.cpython-311.pyc",
+            "notes/secret.txt", "latents/part-0.parquet"]
+    for rel in keep + drop:
+        _write(tmp_path / rel, b"0" * 1000)
+    _write(tmp_path / ".gitignore", "notes/\n")  # Ray honours .gitignore; so does the plan
+    plan = plan_upload(tmp_path, DEFAULT_EXCLUDES)
+    assert sorted(name for name, _ in plan.files) == sorted(keep + [".gitignore"])
+    assert plan.raw_bytes == 4 * 1000 + len("notes/\n")
+    assert 0 < plan.zip_bytes < 10_000
+
+
+def test_this_repository_uploads_small():
+    from pipelines.submit import DEFAULT_EXCLUDES, plan_upload
+
+    plan = plan_upload(ROOT, DEFAULT_EXCLUDES)
+    names = [n for n, _ in plan.files]
+    assert "pipelines/submit.py" in names and "clusters/README.md" in names
+    assert not any(n.startswith((".git/", ".venv/", "flowar-runs/")) for n in names)
+    assert plan.zip_bytes < 5 * 2**20, plan.summary()  # far below the 100 MiB limit
+
+
+def test_oversized_upload_is_refused_before_contacting_a_cluster(tmp_path):
+    from pipelines.submit import SubmitError, submit
+
+    _write(tmp_path / "pipelines" / "cli.py", "")
+    _write(tmp_path / "weights.bin", os.urandom(3 * 2**20))  # incompressible
+    with pytest.raises(SubmitError) as e:
+        submit("x", [], raw=True, working_dir=tmp_path, address="http://127.0.0.1:9",
+               max_upload_mib=2)
+    msg = str(e.value)
+    assert "refusing to upload" in msg and "weights.bin" in msg and "3.00 MiB" in msg
+
+
+def test_address_token_env_and_entrypoint(tmp_path, monkeypatch):
+    from pipelines import submit as s
+
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert s.resolve_address() == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
+    assert s.resolve_address() == "http://10.0.0.5:8265"
+    assert s.resolve_address("https://ray.example/") == "https://ray.example"
+    with pytest.raises(s.SubmitError, match="Ray Client"):
+        s.resolve_address("ray://head:10001")
+
+    assert s.auth_token() is None
+    _write(tmp_path / ".ray" / "auth_token", "from-home\n")
+    assert s.auth_token() == "from-home"
+    _write(tmp_path / "tok", "from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert s.auth_token() == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert s.auth_token() == "from-env"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert s.auth_token() is None
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-forwarded")
+    monkeypatch.setenv("MY_SETTING", "local")
+    env = s.build_runtime_env(tmp_path, ["data/"], s.parse_env(["A=1", "MY_SETTING"]), pip=["einops"])
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["A"] == "1"
+    assert env["env_vars"]["MY_SETTING"] == "local" and "AWS_SECRET_ACCESS_KEY" not in env["env_vars"]
+    assert env["working_dir"] == str(tmp_path) and env["excludes"] == ["data/"] and env["pip"] == ["einops"]
+    with pytest.raises(s.SubmitError, match="not set"):
+        s.parse_env(["NOT_SET_ANYWHERE_123"])
+
+    assert s.entrypoint_for("train", ["c.yaml", "mlflow.run_name=a b"]) == \
+        "python -m pipelines.cli train c.yaml 'mlflow.run_name=a b'"
+    with pytest.raises(s.SubmitError, match="unknown job 'trian'"):
+        s.entrypoint_for("trian", [])
+    with pytest.raises(s.SubmitError, match="unknown job 'submit'"):
+        s.entrypoint_for("submit", [])
+
+
+def test_cli_registers_submit_and_jobs():
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["submit", "--address", "h:1", "train", "c.yaml", "--x", "a=1"])
+    assert (args.job, args.job_args, args.address) == ("train", ["c.yaml", "--x", "a=1"], "h:1")
+    args = build_parser().parse_args(["jobs", "logs", "raysubmit_1", "--follow"])
+    assert (args.action, args.job_id, args.follow) == ("logs", "raysubmit_1", True)
+
+
+# ---------------------------------------------------------------------------- a real local cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    """clusters/local/cluster.sh start 1 on free loopback ports, with its own token."""
+    temp = Path(tempfile.mkdtemp(prefix="fs", dir="/tmp"))  # short: socket paths <= 107 chars
+    token = temp / "token"
+    token.write_text(secrets.token_hex(32))
+    dash = _free_port()
+    env = {**os.environ, "FLOWAR_RAY_PORT": str(_free_port()), "FLOWAR_DASHBOARD_PORT": str(dash),
+           "FLOWAR_CLIENT_PORT": str(_free_port()), "FLOWAR_RAY_TEMP": str(temp),
+           "FLOWAR_HOME": str(temp / "home"), "FLOWAR_WORKER_CPUS": "4", "FLOWAR_PYTHON": sys.executable,
+           "RAY_AUTH_TOKEN_PATH": str(token), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(["bash", str(SCRIPT), "start", "1"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+        with pytest.MonkeyPatch.context() as mp:  # the in-process client finds the same token
+            mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+            mp.delenv("RAY_AUTH_TOKEN", raising=False)
+            yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp": temp}
+    finally:
+        stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert stop.returncode == 0, stop.stderr[-2000:]
+
+
+def _flowar(cluster, *argv, timeout=240):
+    """The real `flowar` command line in a subprocess; returns (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], env=cluster["env"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _jobs(cluster, capsys, *argv) -> tuple[int, str]:
+    from pipelines.cli import main
+
+    capsys.readouterr()
+    code = main(["jobs", *argv, "--address", cluster["address"]])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_submit_runs_on_the_cluster_and_follows_logs(cluster, tmp_path, capsys):
+    """A job using Ray tasks runs from the uploaded working dir on the worker node; the CLI
+    prints the job id first, streams the logs and exits 0; `flowar jobs` sees it."""
+    out = tmp_path / "result.txt"
+    job = tmp_path / "job.py"  # the local cluster shares this filesystem
+    job.write_text(
+        "import os, ray\n"
+        "ray.init()\n"
+        "node = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())\n"
+        "head = [n['NodeID'] for n in ray.nodes() if n['Resources'].get('CPU', 0) == 0]\n"
+        f"open({str(out)!r}, 'w').write(f\"{{node in head}} {{os.path.isfile('pipelines/submit.py')}} "
+        "{os.environ['FLOWAR_MARK']}\")\n"
+        "print('JOB-MARKER done')\n")
+    code, stdout, stderr = _flowar(cluster, "submit", "--address", cluster["address"],
+                                   "--env", "FLOWAR_MARK=abc", "--raw", "python", str(job))
+    assert code == 0, stderr[-3000:]
+    job_id = stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_") and "JOB-MARKER done" in stdout
+    assert "uploading working dir" in stderr and f"job {job_id} succeeded (exit status 0)" in stderr
+    # The task ran on the worker node, not on the head (num-cpus 0), with the uploaded code.
+    assert out.read_text() == "False True abc"
+
+    code, text = _jobs(cluster, capsys, "status", job_id)
+    assert code == 0 and f"{job_id}: SUCCEEDED" in text
+    code, text = _jobs(cluster, capsys, "logs", job_id)
+    assert code == 0 and "JOB-MARKER done" in text
+    code, text = _jobs(cluster, capsys, "list")
+    assert code == 0 and job_id in text and "SUCCEEDED" in text
+
+
+@pytest.mark.ray
+def test_failing_flowar_job_reports_failure_and_exit_status(cluster):
+    """A real flowar job that fails on the cluster (bad input): its message and exit status
+    (the CLI's 2 for configuration errors) come back to the laptop."""
+    from pipelines.submit import submit
+
+    buf = io.StringIO()
+    job_id, code = submit("train", ["configs/train-tiny.yaml", "data.path="], address=cluster["address"],
+                          out=buf)
+    assert code == 2, buf.getvalue()[-3000:]
+    assert "data.path is empty" in buf.getvalue()
+    from pipelines.submit import make_client
+    info = make_client(cluster["address"]).get_job_info(job_id)
+    assert info.status.value == "FAILED" and info.driver_exit_code == 2
+
+
+@pytest.mark.ray
+def test_stop_a_running_job(cluster, capsys):
+    from pipelines.submit import submit
+
+    job_id, code = submit("python", ["-c", "import time; print('sleeping', flush=True); time.sleep(120)"],
+                          raw=True, wait=False, address=cluster["address"], out=io.StringIO())
+    assert code == 0
+    code, text = _jobs(cluster, capsys, "stop", job_id)
+    assert code == 0 and "stop requested" in text
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        code, text = _jobs(cluster, capsys, "status", job_id)
+        if "STOPPED" in text:
+            break
+        time.sleep(1)
+    assert f"{job_id}: STOPPED" in text and code == 130
