@@ -180,19 +180,25 @@ def _init_ray(cfg: VAETrainConfig):
     return ray
 
 
+def _good_images(batch: dict, source: dict, resolution: int) -> dict:
+    """decode_items, keeping only the images that decoded (rejects are skipped, not fatal)."""
+    from pipelines.sources import decode_items
+    out = decode_items(batch, source, resolution)
+    return {"image": out["image"][out["reason"] == ""]}
+
+
 def _images_dataset(cfg: VAETrainConfig, ray):
     """Decoded, cropped uint8 images of the source as a materialised Ray Dataset (rejects dropped)."""
     from flowar.config import to_dict
-    from pipelines.sources import decode_items, list_items
+    from pipelines.sources import list_items
     items, _ = list_items(cfg.source)
     size = 2000
     rows = [{"shard": i // size, "keys": [k for k, _, _ in items[i:i + size]],
              "labels": [y for _, y, _ in items[i:i + size]], "refs": [r for _, _, r in items[i:i + size]]}
             for i in range(0, len(items), size)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(decode_items, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_good_images, batch_size=1, batch_format="numpy",
                         fn_kwargs={"source": to_dict(cfg.source), "resolution": cfg.resolution})
-    ds = ds.filter(lambda row: row["reason"] == "").select_columns(["image"])
     return ds.materialize()  # before fit: a streaming dataset starves on 2 cores (ray-stack-facts §3.1)
 
 

@@ -1,0 +1,124 @@
+"""Tokenizers: the LDM KL-16 conversion against the published golden vectors, load_vae, and a
+real `flowar vae train` run (Ray Train + MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import GOLDEN
+
+
+@pytest.fixture(scope="module")
+def golden():
+    import torch
+    return torch.load(GOLDEN / "reference_kl16_vae_narrow.pt", weights_only=True)
+
+
+def test_kl16_golden_match(golden):
+    import torch
+
+    from flowar.vae import from_ldm_state_dict
+    vae = from_ldm_state_dict(golden["state_dict"], golden["config"])
+    with torch.no_grad():
+        dist = vae.encode(golden["images"]).latent_dist
+        decoded = vae.decode(golden["posterior_mean"]).sample
+    torch.testing.assert_close(dist.mean, golden["posterior_mean"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dist.logvar, golden["posterior_logvar"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded, golden["decoded_from_mean"], rtol=1e-4, atol=5e-4)
+    assert vae.config.scaling_factor == pytest.approx(0.2325)
+
+
+def test_ldm_key_accounting_names_missing_and_unexpected(golden):
+    from flowar.vae import from_ldm_state_dict
+    sd = dict(golden["state_dict"])
+    sd.pop("encoder.mid.attn_1.q.weight")
+    sd["decoder.extra.weight"] = sd["quant_conv.bias"]
+    sd["loss.discriminator.main.0.weight"] = sd["quant_conv.bias"]  # training-only: ignored by design
+    with pytest.raises(ValueError) as e:
+        from_ldm_state_dict(sd, golden["config"])
+    text = str(e.value)
+    assert "encoder.mid_block.attentions.0.to_q.weight" in text and "missing 1" in text
+    assert "decoder.extra.weight" in text and "unexpected 1" in text and "loss." not in text
+    bad = json.loads(golden["config"])
+    bad["z_channels"] = 8
+    with pytest.raises(ValueError, match="shape"):
+        from_ldm_state_dict(golden["state_dict"], bad)
+
+
+def test_load_vae_folder_and_ldm_checkpoint(tmp_path, golden):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from flowar.vae import decode, encode_moments, load_vae, normalise
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        block_out_channels=[32, 32], layers_per_block=1, latent_channels=4,
+                        scaling_factor=0.5, shift_factor=0.1)
+    vae.save_pretrained(tmp_path / "vae")
+    loaded, info = load_vae(str(tmp_path / "vae"))
+    assert (info.kind, info.latent_channels, info.downsample) == ("AutoencoderKL", 4, 2)
+    assert (info.scaling_factor, info.shift_factor) == (0.5, 0.1)
+    assert info.sha256 == load_vae(str(tmp_path / "vae"))[1].sha256 and len(info.sha256) == 64
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = encode_moments(loaded, x)
+    assert mean.shape == std.shape == (2, 4, 8, 8) and bool((std > 0).all())
+    z = normalise(mean, info)
+    torch.testing.assert_close(z, (mean - 0.1) * 0.5)
+    images = decode(loaded, z, info)
+    assert images.shape == (2, 3, 16, 16) and float(images.abs().max()) <= 1.0
+    torch.testing.assert_close(images, loaded.decode(mean).sample.clamp(-1, 1))
+
+    # An LDM checkpoint, weights under "model" as in MAR's kl16.ckpt, config in a sidecar JSON.
+    ckpt = tmp_path / "kl16.ckpt"
+    torch.save({"model": golden["state_dict"]}, ckpt)
+    (tmp_path / "kl16.ckpt.json").write_text(golden["config"])
+    kl, kl_info = load_vae(str(ckpt))
+    assert (kl_info.kind, kl_info.latent_channels, kl_info.downsample) == ("AutoencoderKL", 16, 16)
+    assert kl_info.scaling_factor == pytest.approx(0.2325)
+    mean, _ = encode_moments(kl, golden["images"])
+    torch.testing.assert_close(mean, golden["posterior_mean"], rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_vae(str(tmp_path / "missing"))
+
+
+@pytest.mark.ray
+def test_vae_train_writes_loadable_vae_and_mlflow_run(tmp_path, ray_local, mlflow_uri, monkeypatch):
+    import mlflow
+    import torch
+
+    from flowar.vae import encode_moments, load_vae, normalise
+    from pipelines.config import load_config
+    from pipelines.vae_train import VAETrainConfig, run_vae_train
+    from conftest import ROOT
+    monkeypatch.setenv("FLOWAR_HOME", str(tmp_path))
+    out = tmp_path / "vae"
+    cfg = load_config(VAETrainConfig, ROOT / "configs" / "vae-fashion-mnist.yaml", [
+        "source.limit=128", "train.steps=3", "train.batch_size=16", "train.num_workers=1",
+        "train.log_every=1", "train.image_every=2", f"output={out}", f"mlflow.tracking_uri={mlflow_uri}",
+        "mlflow.run_name=vae-test", f"ray.storage_path={tmp_path / 'ray'}"])
+    run_vae_train(cfg)
+
+    vae, info = load_vae(str(out))
+    assert (info.latent_channels, info.downsample) == (4, 4)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    mean, std = encode_moments(vae, images)
+    assert mean.shape == (4, 4, 8, 8)
+    assert abs(float(normalise(mean, info).std()) - 1.0) < 1.0  # normalisation from the latent stats
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("flowar-vae")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    pngs = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
+    assert pngs == ["reconstructions/step_000002.png", "reconstructions/step_000003.png"]
+
+    # A second call reuses the saved VAE: no training, no new run.
+    before = (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    run_vae_train(cfg)
+    assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    assert len(client.search_runs([exp.experiment_id])) == 1
