@@ -6,6 +6,9 @@ Ray Data, streaming (memory stays flat however many images):
         --map_batches(LatentWriter, ActorPoolStrategy, num_gpus when the cluster has GPUs)-->
         parts written by the actors themselves --> one summary row per part back to the driver
 
+With GPUs the decode tasks and the GPU actors are separate stages (different resources); on CPUs
+Ray fuses decoding into the actors, which saves moving the images between processes.
+
 The images are cut into fixed shards of `encode.shard_size` (by sorted key). Each actor writes
 what it receives as parts covering ranges of a shard, atomically. A re-run keeps every shard whose
 parts cover it exactly and redoes the others (dropping their partial parts), so a killed run

@@ -281,7 +281,7 @@ class TorchLatentDataset:
             return torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0)
         self.keys = [k for t in tables for k in t["key"].to_pylist()]
         self.labels = torch.tensor([x for t in tables for x in t["label"].to_pylist()], dtype=torch.long)
-        names = ["mean", "std"] + (["mean_flip", "std_flip"] if self.random_flip else [])
+        names = ["mean", "std"] + (["mean_flip", "std_flip"] if self.meta.flip else [])
         self.columns = {n: col(n) for n in names}
 
     def __len__(self) -> int:

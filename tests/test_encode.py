@@ -1,0 +1,177 @@
+"""`flowar encode` on real files through a real Ray runtime: bad images become rejects, Fashion-MNIST,
+a run killed half-way resumes with no duplicates and no gaps, and mismatches are refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    import torch
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny"
+    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                  block_out_channels=[32, 32, 32], layers_per_block=1, latent_channels=4,
+                  scaling_factor=0.7, shift_factor=0.05).save_pretrained(path)
+    return str(path)
+
+
+def _config(vae, output, *overrides):
+    from pipelines.config import load_config
+    from pipelines.encode import EncodeConfig
+    return load_config(EncodeConfig, None, [f"vae.spec={vae}", f"output={output}", *overrides])
+
+
+def _image_folder(root):
+    """Two classes of real JPEG/PNG files plus a truncated JPEG, a text file and a grey PNG."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.jpg" if i % 2 else root / cls / f"{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "cat" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "dog" / "notes.txt").write_text("not an image")
+    Image.fromarray(rng.integers(0, 255, (36, 36), dtype=np.uint8), mode="L").save(root / "dog" / "grey.png")
+
+
+def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
+    import torch
+
+    from flowar.vae import encode_moments, load_vae
+    from pipelines.encode import run_encode
+    from pipelines.latents import TorchLatentDataset, ray_dataset, read_metadata, sample_latents
+    from pipelines.sources import preprocess
+    _image_folder(tmp_path / "images")
+    out = tmp_path / "latents"
+    summary = run_encode(_config(tiny_vae, out, "source.kind=folder", f"source.path={tmp_path / 'images'}",
+                                 "encode.shard_size=4", "encode.pyramid=[1,2]"))
+    assert (summary["images"], summary["rejects"], summary["dataset_count"]) == (7, 2, 7)
+    assert summary["bytes"] > 0 and summary["images_per_s"] > 0
+
+    rejects = {r["key"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert set(rejects) == {"cat/truncated.jpg", "dog/notes.txt"}
+    assert "truncated" in rejects["cat/truncated.jpg"].lower()
+    assert "UnidentifiedImageError" in rejects["dog/notes.txt"]
+
+    meta = read_metadata(str(out))
+    assert meta.class_names == ["cat", "dog"] and meta.num_classes == 2 and meta.flip
+    assert (meta.latent_size, meta.latent_channels, meta.scales) == (8, 4, [1, 2, 8])
+    assert meta.vae["sha256"] == load_vae(tiny_vae)[1].sha256 and meta.count == 7 and meta.rejects == 2
+    import pyarrow.parquet as pq
+    assert json.loads(pq.read_schema(out / "_common_metadata").metadata[b"flowar.latents"])["count"] == 7
+
+    data = TorchLatentDataset(str(out), random_flip=False)
+    assert len(data) == 7 and len(set(data.keys)) == 7
+    labels = dict(zip(data.keys, data.labels.tolist()))
+    assert labels["dog/grey.png"] == 1 and labels["cat/0.png"] == 0
+    # The stored moments are the VAE's moments of the ADM-cropped image (grey -> RGB).
+    vae, info = load_vae(tiny_vae)
+    i = data.keys.index("dog/grey.png")
+    image = preprocess((tmp_path / "images" / "dog" / "grey.png").read_bytes(), 32)
+    assert image.shape == (32, 32, 3) and (image[..., 0] == image[..., 2]).all()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mean, std = encode_moments(vae, x)
+    torch.testing.assert_close(data[i]["mean"], mean[0], rtol=1e-4, atol=1e-4)
+    mean_f, _ = encode_moments(vae, x.flip(3))
+    torch.testing.assert_close(data.columns["mean_flip"][i], mean_f[0], rtol=1e-4, atol=1e-4)
+    # Training's sample: normalised, fresh noise each draw.
+    a = sample_latents(data[i]["mean"], data[i]["std"], meta, torch.Generator().manual_seed(1))
+    b = sample_latents(data[i]["mean"], data[i]["std"], meta, torch.Generator().manual_seed(2))
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(sample_latents(mean[0], torch.zeros_like(mean[0]), meta),
+                               (mean[0] - 0.05) * 0.7)
+
+    rows = ray_dataset(str(out)).take_all()
+    assert len(rows) == 7 and rows[0]["mean"].shape == (4, 8, 8) and rows[0]["mean_s2"].shape == (4, 2, 2)
+
+
+def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
+    """A real kill: the job runs in another process (a Ray driver on the same cluster) and gets
+    SIGKILL after some parts are written; the re-run keeps them and does the rest."""
+    from pipelines.encode import run_encode
+    from pipelines.latents import TorchLatentDataset, list_parts, read_metadata
+    from pipelines.sources import FASHION_MNIST_DIR, _idx
+    out = tmp_path / "fm"
+    overrides = ["source.kind=fashion-mnist", "source.limit=480", "encode.shard_size=40",
+                 "encode.batch_size=20", "encode.flip=false"]
+    script = (f"import ray, sys; sys.path.insert(0, {str(ROOT)!r}); "
+              f"ray.init(address={ray_local.get_runtime_context().gcs_address!r}, log_to_driver=False); "
+              "from test_encode import _config; from pipelines.encode import run_encode; "
+              f"run_encode(_config({tiny_vae!r}, {str(out)!r}, *{overrides!r}))")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if sum(len(v) for v in list_parts(str(out)).values()) >= 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p: os.stat(p).st_mtime_ns for ranges in list_parts(str(out)).values() for _, _, p in ranges}
+    assert 3 <= len(before) < 12, "kill half-way: some parts written, not all"
+    assert not (out / "metadata.json").exists()
+
+    summary = run_encode(_config(tiny_vae, out, *overrides))
+    assert summary["shards_skipped"] >= 3 and summary["shards_done"] == 12 - summary["shards_skipped"]
+    for path, mtime in before.items():  # the killed run's parts are kept, not redone
+        assert os.stat(path).st_mtime_ns == mtime
+    data = TorchLatentDataset(str(out))
+    assert sorted(data.keys) == [f"fashion-mnist/train/{i:05d}" for i in range(480)]  # no dups, no gaps
+    labels = _idx(f"{FASHION_MNIST_DIR}/train-labels-idx1-ubyte.gz", 8)[:480]
+    assert [int(labels[int(k[-5:])]) for k in data.keys] == data.labels.tolist()
+    meta = read_metadata(str(out))
+    assert meta.count == 480 and meta.class_names[9] == "Ankle boot" and meta.source["kind"] == "fashion-mnist"
+    assert not [p for p in out.rglob(".tmp-*")]
+
+
+def test_mismatches_and_unknown_keys_refused(tmp_path, tiny_vae):
+    from flowar.config import ConfigError, FlowARConfig
+    from pipelines.cli import main
+    from pipelines.encode import _job_record, _prepare_output
+    from pipelines.latents import LatentDatasetMeta, check_compatible
+    meta = LatentDatasetMeta(latent_size=8, latent_channels=4, num_classes=10, vae={"id": "v", "sha256": "a"})
+    ok = FlowARConfig(latent_channels=4, scales=(1, 2, 4, 8), num_classes=10)
+    check_compatible(meta, ok)
+    cases = [(FlowARConfig(latent_channels=16, scales=(1, 2, 4, 8), num_classes=10), "latent_channels"),
+             (FlowARConfig(latent_channels=4, scales=(1, 2, 4), num_classes=10), "latent_size"),
+             (FlowARConfig(latent_channels=4, scales=(1, 2, 4, 8), num_classes=5), "num_classes")]
+    for model, field in cases:
+        with pytest.raises(ConfigError, match=field):
+            check_compatible(meta, model)
+    with pytest.raises(ConfigError, match="vae.sha256"):
+        check_compatible(meta, ok, vae={"sha256": "b"})
+
+    # An output made with other settings is refused before any work, naming what differs.
+    cfg = _config(tiny_vae, tmp_path / "out")
+    items = [("a", 0, "r")]
+    _prepare_output(cfg, _job_record(meta, cfg, items))
+    meta.resolution = 64
+    with pytest.raises(ConfigError, match="resolution"):
+        _prepare_output(cfg, _job_record(meta, cfg, items))
+
+    (tmp_path / "c.yaml").write_text("source:\n  kind: fashion-mnist\n")
+    with pytest.raises(ConfigError, match="encode.bogus"):
+        _config(tiny_vae, tmp_path / "o", "encode.bogus=1")
+    assert main(["encode", str(tmp_path / "c.yaml"), "source.colour=red"]) == 2
+    assert main(["vae", "train", str(ROOT / "configs" / "vae-fashion-mnist.yaml"), "train.stepz=3"]) == 2
