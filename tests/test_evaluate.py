@@ -1,0 +1,157 @@
+"""`flowar evaluate` end to end on a real Ray runtime, a real tiny FlowAR, a real (random-weight)
+diffusers VAE, real Fashion-MNIST reference images and a real MLflow store; and `flowar sample`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ray
+
+BASE = ["generation.num_samples=12", "generation.samples_per_class=2", "generation.batch_size=2",
+        "generation.shard_size=4", "generation.save_images=true", "generation.grid_classes=3",
+        "generation.grid_per_class=2", "sampler.num_steps=4", "sampler.cfg=2.0",
+        "reference.source=fashion-mnist:test", "reference.max_images=12", "reference.batch_size=12",
+        "reference.shard_size=12", "metrics.kid=true", "metrics.prc=true", "step=7"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A from_pretrained folder of a tiny FlowAR, and a tiny AutoencoderKL folder beside it."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from flowar import FlowAR
+
+    d = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    FlowAR.from_preset("tiny", latent_channels=4, scales=(1, 2, 4), num_classes=10).save_pretrained(d / "model")
+    AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(d / "vae")
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, export, tmp_path_factory):
+    """The same evaluation with 1 and with 2 workers, then the 2-worker one resumed after losing
+    one shard file."""
+    from pipelines.config import load_config
+    from pipelines.evaluate import EvalConfig, main
+
+    tmp = tmp_path_factory.mktemp("evals")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWAR_CACHE", str(tmp / "cache"))  # converted Inception + reference stats
+
+        def run(name, workers):
+            cfg = load_config(EvalConfig, None, BASE + [
+                f"generation.checkpoint={export / 'model'}", f"generation.vae={export / 'vae'}",
+                f"workers.num_workers={workers}", f"output_dir={tmp / name}",
+                f"mlflow.tracking_uri={uri}"])
+            return main(cfg)
+
+        one = run("one", 1)
+        two = run("two", 2)
+        shards = sorted((tmp / "two" / "shards").glob("*.npz"))
+        mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
+        shards[1].unlink()  # as if the evaluation had been killed before this shard finished
+        resumed = run("two", 1)
+    return {"one": one, "two": two, "resumed": resumed, "mtimes": mtimes, "lost": shards[1].name,
+            "tmp": tmp, "uri": uri}
+
+
+def _images(report):
+    from pipelines.eval_run import summarise_shards
+
+    files = sorted((os.path.join(report["output_dir"], "shards", f))
+                   for f in os.listdir(os.path.join(report["output_dir"], "shards")) if f.endswith(".npz"))
+    return summarise_shards(files)
+
+
+def test_images_identical_with_1_and_2_workers(runs):
+    one, two = _images(runs["one"]), _images(runs["two"])
+    assert runs["one"]["workers"]["count"] == 1 and runs["two"]["workers"]["count"] == 2
+    assert one["images"].shape == (12, 3, 8, 8) and one["images"].dtype == np.uint8
+    assert len({im.tobytes() for im in one["images"]}) == 12  # every index has its own noise
+    np.testing.assert_array_equal(one["images"], two["images"])
+    np.testing.assert_array_equal(one["stats"].sum, two["stats"].sum)
+    r1, r2 = runs["one"]["results"], runs["two"]["results"]
+    assert np.isfinite(r1["fid"]) and r1["fid"] > 0
+    for k in ("fid", "kid", "precision", "recall"):
+        assert r1[k] == pytest.approx(r2[k], abs=1e-9), k
+
+
+def test_resumed_evaluation_skips_finished_shards(runs):
+    resumed, two = runs["resumed"], runs["two"]
+    assert two["shards"] == {"total": 3, "resumed": 0, "computed": 3}
+    assert resumed["shards"] == {"total": 3, "resumed": 2, "computed": 1}
+    assert resumed["throughput"]["images"] == 4  # only the lost shard's samples were made again
+    shard_dir = runs["tmp"] / "two" / "shards"
+    for name, mtime in runs["mtimes"].items():
+        if name != runs["lost"]:
+            assert (shard_dir / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+    assert resumed["results"]["fid"] == pytest.approx(two["results"]["fid"], abs=1e-9)
+    assert resumed["reference"]["cached"] is True  # reference stats came from the cache
+
+
+def test_report_and_mlflow(runs):
+    import mlflow
+
+    rep = runs["one"]
+    assert rep["results"]["inception_score"].startswith("unavailable")  # pool-only weights
+    assert rep["num_generated"] == 12 and rep["num_reference"] == 12 and rep["kid_subset_size"] == 12
+    saved = json.loads((runs["tmp"] / "one" / "report.json").read_text())
+    assert saved["config"]["sampler"]["cfg"] == 2.0 and saved["settings"]["seed"] == 0
+    client = mlflow.tracking.MlflowClient(runs["uri"])
+    run = client.get_run(rep["mlflow_run_id"])
+    hist = client.get_metric_history(run.info.run_id, "eval/fid")
+    assert [(m.step, m.value) for m in hist] == [(7, pytest.approx(rep["results"]["fid"]))]
+    assert "eval/inception_score" not in run.data.metrics
+    assert run.data.tags["eval/inception_score"].startswith("unavailable")
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert arts == {"eval/report.json", "eval/samples.png"}
+
+
+def test_sample_cli_writes_grid_and_files_of_the_evaluated_samples(runs, export, tmp_path):
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    out, files = tmp_path / "grid.png", tmp_path / "files"
+    rc = main(["sample", str(export / "model"), "sampler.num_steps=4", "sampler.cfg=2.0",
+               "--classes", "0,1", "--per-class", "2", "--batch-size", "2", "--out", str(out),
+               "--images-dir", str(files), "--vae", str(export / "vae")])
+    assert rc == 0
+    assert Image.open(out).size == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 grid of 8px images, 2px gaps
+    written = sorted(files.iterdir())
+    assert [p.name for p in written] == [f"class{i // 2}_{i:06d}.png" for i in range(4)]
+    evaluated = _images(runs["one"])["images"][:4]  # indices 0-3 = classes 0, 1 (2 per class)
+    for p, ref in zip(written, evaluated):
+        got = np.asarray(Image.open(p)).transpose(2, 0, 1).astype(int)
+        assert np.abs(got - ref.astype(int)).max() <= 1
+
+
+def test_bad_inputs_fail_before_work(runs, export):
+    from flowar.config import ConfigError
+    from pipelines.cli import main as cli
+    from pipelines.config import load_config
+    from pipelines.evaluate import EvalConfig, main
+    from pipelines.inception import CONVERTED_FILE
+
+    with pytest.raises(ConfigError, match="generation.checkpoint"):
+        load_config(EvalConfig, None, ["reference.source=fashion-mnist"])
+    with pytest.raises(ConfigError, match="shard"):
+        load_config(EvalConfig, None, BASE + ["generation.checkpoint=x", "generation.shard_size=3"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(EvalConfig, None, BASE + ["generation.checkpoint=x", "generation.nope=1"])
+    changed = load_config(EvalConfig, None, BASE + [
+        f"generation.checkpoint={export / 'model'}", f"generation.vae={export / 'vae'}",
+        "generation.seed=1", f"output_dir={runs['tmp'] / 'one'}", f"mlflow.tracking_uri={runs['uri']}",
+        f"inception.weights={runs['tmp'] / 'cache' / CONVERTED_FILE}"])
+    with pytest.raises(ConfigError, match="differs in: seed"):
+        main(changed)
+    assert cli(["sample", str(export / "model"), "--classes", "0,10", "--vae", str(export / "vae")]) == 2
