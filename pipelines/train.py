@@ -147,8 +147,13 @@ def _use_gpu(cfg: TrainJobConfig) -> bool:
     return gpus >= cfg.train.num_workers
 
 
-def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, fault: dict | None = None):
-    """Train (or resume) and return the Ray `Result`. `fault` is a test hook: see train_loop."""
+def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, fault: dict | None = None,
+                 callbacks=(), resources_per_worker: dict | None = None):
+    """Train (or resume) and return the Ray `Result`. `fault` is a test hook: see train_loop.
+
+    `callbacks` (Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs this)
+    and `resources_per_worker` (e.g. {"CPU": 2}) are passed to the trainer as they are.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -179,9 +184,10 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, fault: 
                    "fault": fault or {}}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                                resources_per_worker=resources_per_worker),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": dataset},
