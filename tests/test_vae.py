@@ -122,3 +122,26 @@ def test_vae_train_writes_loadable_vae_and_mlflow_run(tmp_path, ray_local, mlflo
     run_vae_train(cfg)
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+@pytest.mark.parametrize("kind", ["AutoencoderTiny", "AutoencoderDC"])
+def test_load_vae_deterministic_autoencoders(tmp_path, kind):
+    import diffusers
+    import torch
+
+    from flowar.vae import decode, encode_moments, load_vae, normalise
+    small = {"AutoencoderTiny": dict(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                                     num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4),
+             "AutoencoderDC": dict(latent_channels=4, encoder_block_types=("ResBlock",) * 2,
+                                   decoder_block_types=("ResBlock",) * 2, encoder_block_out_channels=(16, 32),
+                                   decoder_block_out_channels=(16, 32), encoder_layers_per_block=(1, 1),
+                                   decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+                                   decoder_qkv_multiscales=((), ()), decoder_norm_types="rms_norm",
+                                   decoder_act_fns="silu", upsample_block_type="interpolate",
+                                   downsample_block_type="Conv", scaling_factor=0.4)}[kind]
+    getattr(diffusers, kind)(**small).save_pretrained(tmp_path / "vae")
+    vae, info = load_vae(str(tmp_path / "vae"))
+    assert (info.kind, info.latent_channels, info.downsample) == (kind, 4, 2)
+    mean, std = encode_moments(vae, torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert mean.shape == (2, 4, 8, 8) and float(std.abs().max()) == 0.0  # no posterior: std 0
+    assert decode(vae, normalise(mean, info), info).shape == (2, 3, 16, 16)
