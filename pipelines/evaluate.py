@@ -31,7 +31,7 @@ class GenerationConfig:
     num_samples: int = 50000  # the standard protocol: 50 per class of ImageNet's 1000
     samples_per_class: int = 50
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 50
     shard_size: int = 1000  # a multiple of batch_size; the unit of resumption
     grid_classes: int = 8  # sample grid: first samples of the first classes
     grid_per_class: int = 8
@@ -43,7 +43,7 @@ class ReferenceConfig:
     source: str = ""  # 'fashion-mnist[:test|train]', a folder of images, or an ADM-style .npz (mu, sigma)
     resolution: int = 0  # images are center-cropped/resized to this; 0: the generated resolution
     max_images: int = 0  # 0: all images of the source
-    batch_size: int = 64
+    batch_size: int = 50
     shard_size: int = 1000
 
 
@@ -92,15 +92,21 @@ class EvalConfig:
         g, r = self.generation, self.reference
         if not g.checkpoint:
             raise ConfigError("generation.checkpoint is required (a folder written by save_pretrained)")
-        for key, ok in {"generation.num_samples": g.num_samples >= 2,
-                        "generation.samples_per_class": g.samples_per_class >= 1,
-                        "generation.batch_size": g.batch_size >= 1,
-                        "generation.shard_size": g.shard_size >= 1 and g.shard_size % g.batch_size == 0,
-                        "reference.shard_size": r.shard_size >= 1 and r.shard_size % r.batch_size == 0,
-                        "metrics.prc_neighborhood": self.metrics.prc_neighborhood >= 1}.items():
+        checks = {"generation.num_samples": (g.num_samples, g.num_samples >= 2, "at least 2"),
+                  "generation.samples_per_class": (g.samples_per_class, g.samples_per_class >= 1, ">= 1"),
+                  "generation.batch_size": (g.batch_size, g.batch_size >= 1, ">= 1"),
+                  "reference.batch_size": (r.batch_size, r.batch_size >= 1, ">= 1"),
+                  "generation.shard_size": (g.shard_size, g.shard_size % max(1, g.batch_size) == 0
+                                            and g.shard_size >= 1,
+                                            f"a positive multiple of generation.batch_size={g.batch_size}"),
+                  "reference.shard_size": (r.shard_size, r.shard_size % max(1, r.batch_size) == 0
+                                           and r.shard_size >= 1,
+                                           f"a positive multiple of reference.batch_size={r.batch_size}"),
+                  "metrics.prc_neighborhood": (self.metrics.prc_neighborhood,
+                                               self.metrics.prc_neighborhood >= 1, ">= 1")}
+        for key, (value, ok, need) in checks.items():
             if not ok:
-                raise ConfigError(f"{key} is invalid (shard sizes must be multiples of batch sizes; "
-                                  "at least 2 samples)")
+                raise ConfigError(f"{key}={value} is invalid: must be {need}")
         if not r.source:
             raise ConfigError("reference.source is required: fashion-mnist[:test], a folder, or a .npz")
 
