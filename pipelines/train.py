@@ -147,9 +147,15 @@ def _use_gpu(cfg: TrainJobConfig) -> bool:
     return gpus >= cfg.train.num_workers
 
 
-def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, fault: dict | None = None,
+def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset=None,
+                 fault: dict | None = None,
                  callbacks=(), resources_per_worker: dict | None = None):
-    """Train (or resume) and return the Ray `Result`. `fault` is a test hook: see train_loop.
+    """Train (or resume) and return the Ray `Result`.
+
+    `dataset`: the latent dataset of `cfg.data.path` already read as a materialised Ray Dataset,
+    for callers that train several times on it (sweeps, tests): reading even a small Parquet
+    dataset costs Ray Data tens of seconds of task start-up on a small machine. `fault` is a test
+    hook that kills or fails one worker once (see train_loop._inject_fault).
 
     `callbacks` (Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs this)
     and `resources_per_worker` (e.g. {"CPU": 2}) are passed to the trainer as they are.
@@ -177,7 +183,8 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, fault: 
     use_gpu = _use_gpu(cfg)
     # Materialised before fit: on small machines streaming reads starve beside the workers
     # (ray-stack-facts §3.1), and the workers read it several times.
-    dataset = ray_dataset(cfg.data.path).materialize()
+    if dataset is None:
+        dataset = ray_dataset(cfg.data.path).materialize()
     storage = storage_path(cfg)
     loop_config = {"job": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
                    "run_dir": f"{storage.rstrip('/')}/{name}", "meta": _meta_dict(meta),
@@ -215,12 +222,14 @@ def _meta_dict(meta) -> dict:
 
 
 def _tags(cfg: TrainJobConfig, meta) -> dict[str, str]:
+    from pipelines.mlflow_utils import git_commit
+
     vae = meta.vae or {}
     return {"dataset": f"{cfg.data.path} ({meta.count} latents, {meta.created or 'undated'})",
             "dataset_path": cfg.data.path,
             "vae": str(vae.get("id", "unknown")), "vae_sha256": str(vae.get("sha256", "unknown")),
             "preset": cfg.preset or "custom", "strategy": cfg.train.strategy,
-            "git_commit": mlflow_utils.git_commit()}
+            "git_commit": git_commit()}
 
 
 def _main(args) -> int:

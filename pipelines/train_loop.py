@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pipelines.train_data import BatchSource, load_shard, seed_of
     from pipelines.train_samples import SampleGrid
 
+    t_start = time.perf_counter()
     job = from_dict(TrainJobConfig, config["job"])
     tc = job.train
     ctx = ray.train.get_context()
@@ -112,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size=1024, batch_format="numpy"), rank, world)
     source = BatchSource(shard, meta, seed=tc.seed, rank=rank, micro_batch=tc.micro_batch,
                          accum=tc.grad_accum_steps, flip_augment=job.data.flip_augment)
+    t_data = time.perf_counter()
     total_steps = tc.max_steps or tc.epochs * source.steps_per_epoch
     warmup = tc.warmup_steps if tc.warmup_steps >= 0 else round(tc.warmup_epochs * source.steps_per_epoch)
 
@@ -148,6 +150,11 @@ def train_loop_per_worker(config: dict) -> None:
         if grid is not None:
             mlflow_utils.log_image(mlf, run_id, grid.render(full), f"samples/step_{step:07d}.png")
 
+    t_loop = time.perf_counter()
+    if rank == 0:
+        print(f"flowar train: rank 0 ready in {t_loop - t_start:.1f}s (data {t_data - t_start:.1f}s); "
+              f"steps {start_step}..{total_steps}, {source.steps_per_epoch} per epoch, "
+              f"{shard.total_rows} latents, micro-batch {tc.micro_batch} x {tc.grad_accum_steps}", flush=True)
     for step in range(start_step, total_steps):
         _inject_fault(config.get("fault") or {}, rank, world, step)
         torch.manual_seed(seed_of("step", tc.seed, rank, step))  # label drop, t, noise
