@@ -182,6 +182,10 @@ def parse_env(items: list[str]) -> dict[str, str]:
 def build_runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str],
                       pip: list[str] = (), py_modules: list[str] = ()) -> dict:
     env_vars = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+    # Jobs written for local runs pass their own runtime_env to ray.init (e.g. env_vars); inside
+    # a submitted job Ray refuses any overlap with the job's runtime env unless told to merge
+    # (the driver's values win per key, the job's working_dir stays).
+    env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     env_vars.update(env)
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(excludes),
                          "env_vars": env_vars}

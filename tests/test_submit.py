@@ -172,10 +172,76 @@ def _jobs(cluster, capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A small random diffusers AutoencoderKL folder (downsampling 2) for `flowar encode`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        block_out_channels=[32, 32], layers_per_block=1, latent_channels=4)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
 @pytest.mark.ray
-def test_submit_runs_on_the_cluster_and_follows_logs(cluster, tmp_path, capsys):
-    """A job using Ray tasks runs from the uploaded working dir on the worker node; the CLI
-    prints the job id first, streams the logs and exits 0; `flowar jobs` sees it."""
+def test_encode_then_train_on_the_cluster(cluster, tiny_vae, tmp_path, capsys):
+    """The issue's end-to-end check: `flowar submit encode` then `flowar submit train` with tiny
+    configs run on the cluster's worker node from the uploaded working dir, succeed, and leave
+    a latent dataset, a checkpoint and a finished MLflow run; `flowar jobs` sees the jobs."""
+    import mlflow
+
+    from pipelines.latents import read_metadata
+
+    latents, results, db = tmp_path / "latents", tmp_path / "ray_results", tmp_path / "mlflow.db"
+    # 1. encode through the real `flowar` command line: job id first, logs, exit status 0.
+    code, stdout, stderr = _flowar(
+        cluster, "submit", "--address", cluster["address"], "encode",
+        "configs/encode-fashion-mnist.yaml", "source.limit=48", f"vae.spec={tiny_vae}",
+        f"output={latents}", "encode.resolution=8", "encode.shard_size=24", "encode.batch_size=24",
+        # encode passes num_cpus to ray.init unless ray.address is set, which Ray refuses when
+        # joining a cluster; "auto" joins the job's cluster (see the report on issue 8).
+        "ray.address=auto")
+    assert code == 0, (stdout + stderr)[-4000:]
+    encode_id = stdout.splitlines()[0]
+    assert encode_id.startswith("raysubmit_") and "uploading working dir" in stderr
+    assert f"job {encode_id} succeeded (exit status 0)" in stderr
+    meta = read_metadata(str(latents))
+    assert (meta.count, meta.latent_size, meta.latent_channels) == (48, 4, 4)
+
+    # 2. train on that dataset (in-process submit: same code path as the CLI above).
+    from pipelines.submit import submit
+    buf = io.StringIO()
+    train_id, code = submit("train", [
+        "configs/train-tiny.yaml", f"data.path={latents}", f"ray.storage_path={results}",
+        f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=e2e", "mlflow.run_name=e2e-tiny",
+        "train.max_steps=6", "train.checkpoint_every=6", "train.log_every=2", "train.num_workers=1"],
+        address=cluster["address"], out=buf)
+    assert code == 0, buf.getvalue()[-4000:]
+    assert sorted(results.glob("e2e-tiny/checkpoint_*/model.safetensors")), \
+        sorted(str(p) for p in results.rglob("*"))[:50]
+    assert (results / "e2e-tiny" / "export" / "model.safetensors").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    assert [r.info.run_name for r in runs] == ["e2e-tiny"] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics, "the run logged no metrics"
+
+    code, text = _jobs(cluster, capsys, "status", train_id)
+    assert code == 0 and f"{train_id}: SUCCEEDED" in text
+    code, text = _jobs(cluster, capsys, "logs", train_id)
+    assert code == 0 and "flowar train" in text
+    code, text = _jobs(cluster, capsys, "list")
+    assert code == 0 and encode_id in text and train_id in text
+
+
+@pytest.mark.ray
+def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_path):
+    """Tasks land on the worker (the head has num-cpus 0); the job sees the uploaded working
+    dir and the --env variables."""
+    from pipelines.submit import submit
+
     out = tmp_path / "result.txt"
     job = tmp_path / "job.py"  # the local cluster shares this filesystem
     job.write_text(
@@ -186,21 +252,11 @@ def test_submit_runs_on_the_cluster_and_follows_logs(cluster, tmp_path, capsys):
         f"open({str(out)!r}, 'w').write(f\"{{node in head}} {{os.path.isfile('pipelines/submit.py')}} "
         "{os.environ['FLOWAR_MARK']}\")\n"
         "print('JOB-MARKER done')\n")
-    code, stdout, stderr = _flowar(cluster, "submit", "--address", cluster["address"],
-                                   "--env", "FLOWAR_MARK=abc", "--raw", "python", str(job))
-    assert code == 0, stderr[-3000:]
-    job_id = stdout.splitlines()[0]
-    assert job_id.startswith("raysubmit_") and "JOB-MARKER done" in stdout
-    assert "uploading working dir" in stderr and f"job {job_id} succeeded (exit status 0)" in stderr
-    # The task ran on the worker node, not on the head (num-cpus 0), with the uploaded code.
+    buf = io.StringIO()
+    job_id, code = submit("python", [str(job)], raw=True, env={"FLOWAR_MARK": "abc"},
+                          address=cluster["address"], out=buf)
+    assert code == 0 and buf.getvalue().startswith(job_id) and "JOB-MARKER done" in buf.getvalue()
     assert out.read_text() == "False True abc"
-
-    code, text = _jobs(cluster, capsys, "status", job_id)
-    assert code == 0 and f"{job_id}: SUCCEEDED" in text
-    code, text = _jobs(cluster, capsys, "logs", job_id)
-    assert code == 0 and "JOB-MARKER done" in text
-    code, text = _jobs(cluster, capsys, "list")
-    assert code == 0 and job_id in text and "SUCCEEDED" in text
 
 
 @pytest.mark.ray
