@@ -24,14 +24,17 @@ __all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_ove
 
 
 def default_tracking_uri() -> str:
-    """A local SQLite MLflow store (absolute path: sqlite:////abs/path, see ray-stack-facts)."""
+    """$MLFLOW_TRACKING_URI when set (cluster pods point it at the cluster's MLflow server, see
+    clusters/), else a local SQLite store (absolute path: sqlite:////abs/path, see ray-stack-facts)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     root = Path(os.environ.get("FLOWAR_HOME", Path.cwd() / "flowar-runs")).resolve()
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
 @dataclass
 class MLflowConfig:
-    tracking_uri: str = ""  # empty: a SQLite store under $FLOWAR_HOME (default ./flowar-runs)
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else SQLite under $FLOWAR_HOME
     experiment: str = "flowar"
     run_name: str = ""
     artifact_location: str = ""  # e.g. s3://bucket/mlflow; empty: next to the store

@@ -382,3 +382,16 @@ def test_storage_local_paths_and_uris(tmp_path, monkeypatch):
         storage.resolve("")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         storage.upload_dir(tmp_path / "missing", tmp_path / "dst")
+
+
+def test_jobs_log_to_the_mlflow_server_the_pods_name(monkeypatch, tmp_path):
+    """Ray pods set MLFLOW_TRACKING_URI (the cluster's server); a job config that names no
+    store uses it, else the local SQLite store."""
+    from pipelines.config import MLflowConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FLOWAR_HOME", str(tmp_path))
+    assert MLflowConfig().resolved_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://flowar-mlflow:5000")
+    assert MLflowConfig().resolved_uri() == "http://flowar-mlflow:5000"
+    assert MLflowConfig(tracking_uri="sqlite:////x.db").resolved_uri() == "sqlite:////x.db"
