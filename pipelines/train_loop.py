@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["train_loop_per_worker", "LossModule", "shard_model"]
+__all__ = ["train_loop_per_worker", "LossModule", "shard_model", "non_finite_message"]
 
 
 class LossModule(nn.Module):
@@ -50,6 +50,16 @@ def shard_model(wrapper: nn.Module, device: torch.device, world: int, bf16: bool
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(wrapper, mesh=mesh, mp_policy=mp)
     return len(blocks)
+
+
+def non_finite_message(stats: torch.Tensor, grad_norm: float, step: int) -> str:
+    """The reason to stop when the (globally reduced) losses or the grad norm are NaN/inf, else ""."""
+    if torch.isfinite(stats).all() and torch.isfinite(torch.tensor(grad_norm)):
+        return ""
+    return (f"non-finite training at step {step}: loss {stats[0].item():.4g}, grad norm "
+            f"{grad_norm:.4g}, per scale {[round(v, 4) for v in stats[1:].tolist()]}. Stopped "
+            "instead of training on garbage; lower train.base_lr, keep train.precision=fp32, or "
+            "resume from an earlier checkpoint.")
 
 
 def _inject_fault(fault: dict, rank: int, world: int, step: int) -> None:
@@ -178,11 +188,8 @@ def train_loop_per_worker(config: dict) -> None:
         dist.all_reduce(stats)  # sum; a NaN anywhere makes every rank's copy NaN
         stats = (stats / world).cpu().double()
         grad_norm = clip_grad_norm(inner.parameters(), tc.grad_clip)
-        if not (torch.isfinite(stats).all() and torch.isfinite(torch.tensor(grad_norm))):
-            msg = (f"non-finite training at step {step}: loss {stats[0].item():.4g}, grad norm "
-                   f"{grad_norm:.4g}, per scale {[round(v, 4) for v in stats[1:].tolist()]}. "
-                   "Stopped instead of training on garbage; lower train.base_lr, keep "
-                   "train.precision=fp32, or resume from an earlier checkpoint.")
+        msg = non_finite_message(stats, grad_norm, step)
+        if msg:
             if mlf is not None:
                 mlf.set_tag(run_id, "stopped", msg)
             ray.train.report({"non_finite_loss": 1, "message": msg, "step": step})

@@ -82,6 +82,89 @@ def losses(c, run_id) -> list[float]:
     return [m.value for m in sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
 
 
+# ------------------------------------------------------------------------------------ recipe units
+
+def test_weight_decay_applies_to_matrices_only():
+    from flowar import FlowAR
+    from flowar.optim import param_groups
+
+    model = FlowAR.from_preset("tiny", latent_channels=4, scales=(1, 2, 4), num_classes=10)
+    decay, no_decay = param_groups(model, 0.02)
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert any(p is model.ar.class_embed.weight for p in decay["params"])  # published: decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_lr_rule_warmup_and_cosine_floor():
+    from flowar.optim import lr_at, scaled_lr
+
+    peak = scaled_lr(5e-5, 2048)
+    assert peak == pytest.approx(4e-4)  # the published README figure
+    assert lr_at(0, peak, 100, 400, 1e-5) == 0.0
+    assert lr_at(50, peak, 100, 400, 1e-5) == pytest.approx(peak / 2)
+    assert lr_at(100, peak, 100, 400, 1e-5) == pytest.approx(peak)
+    assert lr_at(250, peak, 100, 400, 1e-5) == pytest.approx((peak + 1e-5) / 2)
+    assert lr_at(400, peak, 100, 400, 1e-5) == pytest.approx(1e-5)
+    assert lr_at(999, peak, 100, 400, 1e-5) == pytest.approx(1e-5)
+
+
+def test_ema_averages_and_round_trips_its_state():
+    from flowar.optim import EMA, clip_grad_norm
+
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.state_dict()["weight"], start + 0.5)
+    other = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(other.state_dict()["weight"], start + 0.5)
+    with pytest.raises(KeyError):
+        other.load_state_dict({"weight": start})
+    net.weight.grad = torch.full_like(net.weight, 10.0)
+    norm = clip_grad_norm(net.parameters(), 3.0)
+    assert norm == pytest.approx(10.0 * math.sqrt(6))
+    assert float(net.weight.grad.norm()) == pytest.approx(3.0, rel=1e-4)
+
+
+def test_non_finite_loss_gives_a_stop_message_naming_the_step():
+    from pipelines.train_loop import non_finite_message
+
+    assert non_finite_message(torch.tensor([1.0, 0.5]), 2.0, 7) == ""
+    msg = non_finite_message(torch.tensor([float("nan"), 0.5]), 2.0, 7)
+    assert "step 7" in msg and "nan" in msg
+    assert non_finite_message(torch.tensor([1.0, 0.5]), float("inf"), 3)
+
+
+def test_data_order_is_a_function_of_seed_epoch_step_and_rank(tmp_path):
+    from pipelines.latents import TorchLatentDataset, read_metadata
+    from pipelines.train_data import BatchSource, load_shard
+
+    path = make_dataset(tmp_path / "d", count=32)
+    meta = read_metadata(str(path))
+    data = TorchLatentDataset(str(path))
+    whole = {"key": np.array(data.keys), "label": data.labels.numpy(),
+             **{k: v.numpy() for k, v in data.columns.items()}}
+    batches = [{k: v[:20] for k, v in whole.items()}, {k: v[20:] for k, v in whole.items()}]
+    shards = [load_shard(batches, r, 2) for r in range(2)]
+    assert sorted(shards[0].keys + shards[1].keys) == [f"img{i:05d}" for i in range(32)]
+    again = load_shard(list(reversed(batches)), 0, 2)  # arrival order does not matter
+    assert again.keys == shards[0].keys
+
+    def source(shard):
+        return BatchSource(shard, meta, seed=1, rank=0, micro_batch=4, accum=1, flip_augment=True)
+    a, b = source(shards[0]), source(again)
+    for step in (0, 1, a.steps_per_epoch + 1):
+        za, ya = a.batch(step, 0)
+        zb, yb = b.batch(step, 0)
+        torch.testing.assert_close(za, zb)
+        assert torch.equal(ya, yb)
+    assert not torch.equal(a.batch(0, 0)[0], a.batch(a.steps_per_epoch, 0)[0])  # new epoch, new draw
+
+
 # ------------------------------------------------------------------------------------ no Ray needed
 
 def test_unknown_config_key_is_refused(dataset, capsys):
