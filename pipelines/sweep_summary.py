@@ -1,0 +1,135 @@
+"""The end of a sweep: a table of trials (axis values, final metric, status), a plot of the metric
+per axis value and the best trial's full training config, written beside the Tune experiment and
+logged to the sweep's MLflow parent run.
+
+Status comes from each trial's child run (tag trial_status, set by the trial or the driver's
+callback): COMPLETED, STOPPED_EARLY (ASHA), FAILED; Tune's own status fills in when a run is
+missing (e.g. a trial that never started).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from pathlib import Path
+
+__all__ = ["summarise", "trial_rows", "markdown_table"]
+
+TUNE_STATUS = {"TERMINATED": "COMPLETED", "ERROR": "FAILED"}
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def trial_rows(results, axes, metric: str, children: dict) -> list[dict]:
+    """One dict per trial, in trial order: trial_id, each axis, metric, step, status, run_id."""
+    trials = sorted(results._experiment_analysis.trials, key=lambda t: t.trial_id)
+    rows = []
+    for trial in trials:
+        last = trial.last_result or {}
+        run = children.get(trial.trial_id)
+        status = (run.data.tags.get("trial_status") if run else None) \
+            or TUNE_STATUS.get(trial.status, trial.status)
+        value = last.get(metric)
+        rows.append({"trial_id": trial.trial_id,
+                     **{a.key: trial.config.get(a.key) for a in axes},
+                     metric: float(value) if isinstance(value, (int, float)) else float("nan"),
+                     "step": last.get("step", ""), "status": status,
+                     "run_id": run.info.run_id if run else ""})
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_show(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], axes, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "FAILED": "tab:red"}
+    fig, panels = plt.subplots(1, len(axes), figsize=(4.5 * len(axes), 3.6), squeeze=False)
+    for ax, axis in zip(panels[0], axes):
+        numeric = axis.kind in ("uniform", "loguniform")
+        labels = [] if numeric else [_show(v) for v in axis.values]
+        for row in rows:
+            y = row[metric]
+            if not math.isfinite(y):
+                continue
+            x = row[axis.key] if numeric else labels.index(_show(row[axis.key])) \
+                if _show(row[axis.key]) in labels else len(labels)
+            ax.scatter([x], [y], color=colours.get(row["status"], "grey"), s=36)
+        if numeric and axis.kind == "loguniform":
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_xlabel(axis.key)
+        ax.set_ylabel(f"final {metric}")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=s) for s, c in colours.items()]
+    fig.legend(handles=handles, loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarise(results, sweep, axes, base, cli_overrides, uri: str, parent_id: str,
+              exp_dir: str) -> dict:
+    from pipelines import mlflow_utils
+    from pipelines.config import dump_yaml
+    from pipelines.storage import is_uri
+    from pipelines.sweep_config import build_trial_config
+
+    c = mlflow_utils.client(uri)
+    exp_id = c.get_run(parent_id).info.experiment_id
+    children = {r.data.tags.get("sweep.trial_id"): r for r in c.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
+    metric = sweep.metric
+    rows = trial_rows(results, axes, metric, children)
+    columns = ["trial_id", *(a.key for a in axes), metric, "step", "status"]
+    table = markdown_table(rows, columns)
+
+    sign = 1 if sweep.mode == "min" else -1
+    usable = [r for r in rows if math.isfinite(r[metric]) and r["status"] != "FAILED"]
+    finished = [r for r in usable if r["status"] == "COMPLETED"] or usable
+    best = min(finished, key=lambda r: sign * r[metric]) if finished else None
+
+    out = Path(exp_dir) / "summary" if not is_uri(exp_dir) else Path(tempfile.mkdtemp())
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns + ["run_id"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _show(v) for k, v in r.items()} for r in rows)
+    (out / "trials.md").write_text(table + "\n")
+    _plot(rows, axes, metric, out / f"{metric}_per_axis.png")
+    best_config = ""
+    if best is not None:
+        cfg = build_trial_config(sweep, base, cli_overrides, {a.key: best[a.key] for a in axes})
+        cfg.mlflow.run_name = ""  # a reusable training config, not the trial's run
+        dump_yaml(cfg, out / "best_config.yaml")
+        best_config = str(out / "best_config.yaml")
+
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in ("COMPLETED", "STOPPED_EARLY", "FAILED")}
+    c.log_artifacts(parent_id, str(out), artifact_path="summary")
+    c.log_metric(parent_id, "trials", len(rows))
+    for status, n in counts.items():
+        c.log_metric(parent_id, f"trials_{status.lower()}", n)
+    if best is not None:
+        c.log_metric(parent_id, f"best_{metric}", best[metric])
+        c.set_tag(parent_id, "best_trial", best["trial_id"])
+        c.set_tag(parent_id, "best_run_id", best["run_id"])
+    return {"rows": rows, "table": table, "metric": metric, "dir": str(out),
+            "best_trial": best["trial_id"] if best else "", "best_value": best[metric] if best else None,
+            "best_config": best_config, "counts": counts}
