@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -155,6 +156,7 @@ def cluster():
         stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True,
                               timeout=120)
         assert stop.returncode == 0, stop.stderr[-2000:]
+        shutil.rmtree(temp, ignore_errors=True)  # session logs
 
 
 def _flowar(cluster, *argv, timeout=240):
