@@ -60,6 +60,18 @@ def to_uint8(images):
     return x.contiguous()
 
 
+def export_vae_spec(ckpt: Path) -> dict:
+    """The `vae` entry of a training export's latents.json (the latent dataset's metadata)."""
+    from flowar.config import ConfigError
+    from pipelines.latents import LatentDatasetMeta
+
+    path = Path(ckpt) / "latents.json"
+    if not path.is_file():
+        raise ConfigError(f"{ckpt} has no latents.json naming the VAE of its latents; "
+                          "give the VAE explicitly (generation.vae / --vae)")
+    return dict(LatentDatasetMeta.from_json(path.read_text(), str(path)).vae)
+
+
 def load_vae(spec: dict, device):
     """(vae, decode) for the VAE named by a latent dataset's metadata (`vae` of latents.json):
     decode maps normalised latents to images in [-1, 1] with the dataset's own normalisation."""
@@ -82,20 +94,6 @@ def load_vae(spec: dict, device):
 # Image sources for reference statistics
 # ------------------------------------------------------------------------------------------------
 
-def center_crop_resize(img, size: int):
-    """ADM's center_crop_arr: box-halve while large, bicubic to the short side, center crop."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
 def read_idx_images(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
@@ -104,7 +102,9 @@ def read_idx_images(path: Path) -> np.ndarray:
 
 
 def parse_source(source: str) -> dict:
-    """'fashion-mnist[:train|test]', 'folder:/path' or a bare folder path -> a source spec."""
+    """'fashion-mnist[:train|test]', 'folder:/path' or a bare folder path -> a source spec.
+    Images are then prepared like `flowar encode` does (pipelines.sources.preprocess: Fashion-MNIST
+    padded 28 -> 32, ADM center crop, grey -> RGB)."""
     if source.startswith("fashion-mnist"):
         split = source.split(":", 1)[1] if ":" in source else "test"
         if split not in ("train", "test"):
@@ -192,15 +192,16 @@ class EvalWorker:
     def load_source(self, source: dict, start: int, end: int, resolution: int):
         """uint8 (B,3,res,res) images start..end of a reference source."""
         import torch
-        from PIL import Image
+
+        from pipelines.sources import preprocess  # the encode job's: same pad, crop and resize
 
         if source["kind"] == "fashion-mnist":
             if source["path"] not in self._source_cache:
                 self._source_cache = {source["path"]: read_idx_images(Path(source["path"]))}
-            raw = [Image.fromarray(a, "L") for a in self._source_cache[source["path"]][start:end]]
+            raw = list(self._source_cache[source["path"]][start:end])
         else:
-            raw = [Image.open(p) for p in source["files"][start:end]]
-        arr = np.stack([center_crop_resize(im, resolution) for im in raw])
+            raw = [Path(p).read_bytes() for p in source["files"][start:end]]
+        arr = np.stack([preprocess(r, resolution) for r in raw])
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
     # --- one shard ----------------------------------------------------------------------------

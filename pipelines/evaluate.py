@@ -128,18 +128,9 @@ def read_training_link(ckpt: Path) -> dict:
 
 
 def vae_spec(cfg: EvalConfig, ckpt: Path) -> dict:
-    if cfg.generation.vae:
-        return {"id": cfg.generation.vae}
-    meta_path = ckpt / "latents.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"generation.checkpoint={str(ckpt)!r} has no latents.json naming its VAE; "
-                          "set generation.vae")
-    try:
-        from pipelines.latents import read_metadata
-        vae = read_metadata(ckpt).vae
-    except ImportError:
-        vae = json.loads(meta_path.read_text())["vae"]
-    return dict(vae)
+    from pipelines.eval_worker import export_vae_spec
+
+    return {"id": cfg.generation.vae} if cfg.generation.vae else export_vae_spec(ckpt)
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -164,8 +155,17 @@ def main(cfg: EvalConfig) -> dict:
     step = cfg.step if cfg.step >= 0 else int(link.get("step", 0))
     run_id = cfg.run_id or link.get("run_id", "")
     need_features = cfg.metrics.kid or cfg.metrics.prc
+    # Refuse a bad sampler or reference before any work (not after 50,000 samples).
     from flowar.sampling import time_grid
-    time_grid(cfg.sampler.num_steps, cfg.sampler.time_grid)  # refuse a bad sampler before any work
+    from pipelines.eval_worker import parse_source
+    time_grid(cfg.sampler.num_steps, cfg.sampler.time_grid)
+    try:
+        if cfg.reference.source.endswith(".npz"):
+            M.load_reference_npz(cfg.reference.source)
+        else:
+            parse_source(cfg.reference.source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"reference.source: {e}") from None
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None,
@@ -191,20 +191,21 @@ def main(cfg: EvalConfig) -> dict:
                           f"(differs in: {', '.join(diff)}); use another output_dir")
     out.mkdir(parents=True, exist_ok=True)
     guard.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    workers, worker_info = make_workers(cfg, str(weights or ""), generator, len(shards))
-    extractor = ray.get(workers[0].extractor_info.remote())
-
     grid_indices = [c * g.samples_per_class + j for c in range(g.grid_classes)
                     for j in range(min(g.grid_per_class, g.samples_per_class))]
     grid_indices = [i for i in grid_indices if i < g.num_samples]
-    gen_run = run_shards(workers, shards, out / "shards", dict(
-        batch_size=g.batch_size, keep_features=need_features, keep_images=g.save_images,
-        grid_indices=grid_indices), desc="generate+features")
-    gen = summarise_shards(gen_run["files"])
-    resolution = cfg.reference.resolution or gen["resolution"]
-    ref = compute_reference(cfg, workers, extractor, resolution, need_features)
-    for w in workers:
-        ray.kill(w)
+    workers, worker_info = make_workers(cfg, str(weights or ""), generator, len(shards))
+    try:
+        extractor = ray.get(workers[0].extractor_info.remote())
+        gen_run = run_shards(workers, shards, out / "shards", dict(
+            batch_size=g.batch_size, keep_features=need_features, keep_images=g.save_images,
+            grid_indices=grid_indices), desc="generate+features")
+        gen = summarise_shards(gen_run["files"])
+        resolution = cfg.reference.resolution or gen["resolution"]
+        ref = compute_reference(cfg, workers, extractor, resolution, need_features)
+    finally:  # finished shards are on disk: a rerun resumes from them
+        for w in workers:
+            ray.kill(w)
 
     mu, sigma = gen["stats"].mu_sigma()
     results: dict[str, float | str] = {}
@@ -235,7 +236,7 @@ def main(cfg: EvalConfig) -> dict:
               "shards": {"total": len(shards), "resumed": gen_run["resumed"],
                          "computed": gen_run["computed"]},
               "throughput": gen_run["throughput"], "workers": worker_info,
-              "kid_subset_size": min(m.kid_subset_size, gen["stats"].count, ref["count"]),
+              "kid_subset_size": min(m.kid_subset_size, gen["stats"].count, ref["count"] or 0),
               "settings": settings, "config": to_dict(cfg), "output_dir": str(out)}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     report["mlflow_run_id"] = log_to_mlflow(cfg, run_id, step, results, report, out / "report.json",

@@ -37,12 +37,12 @@ def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sa
     Sample j of class c has global index c * per_class + j; its noise is seeded from (seed, index)."""
     import numpy as np
     from flowar.config import to_dict
-    from pipelines.eval_worker import EvalWorker
+    from pipelines.eval_worker import EvalWorker, export_vae_spec
 
     ckpt = Path(checkpoint).expanduser().resolve()
     if not (ckpt / "config.json").is_file():
         raise ConfigError(f"checkpoint {checkpoint!r} is not a save_pretrained folder (no config.json)")
-    spec = {"id": vae} if vae else _export_vae(ckpt)
+    spec = {"id": vae} if vae else export_vae_spec(ckpt)
     ema = ckpt / "ema.safetensors"
     gen = {"checkpoint": str(ckpt), "ema_file": str(ema) if ema.is_file() else "", "vae": spec,
            "seed": seed, "samples_per_class": per_class, "sampler": to_dict(sampler)}
@@ -54,19 +54,6 @@ def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sa
     out = [worker.generate(indices[i:i + batch_size]).cpu().numpy()
            for i in range(0, len(indices), batch_size)]
     return np.concatenate(out), indices
-
-
-def _export_vae(ckpt: Path) -> dict:
-    import json
-
-    meta = ckpt / "latents.json"
-    if not meta.is_file():
-        raise ConfigError(f"{ckpt} has no latents.json naming its VAE; pass --vae")
-    try:
-        from pipelines.latents import read_metadata
-        return dict(read_metadata(ckpt).vae)
-    except ImportError:
-        return dict(json.loads(meta.read_text())["vae"])
 
 
 def register(subparsers) -> None:

@@ -20,11 +20,14 @@ BASE = ["generation.num_samples=12", "generation.samples_per_class=2", "generati
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    """A from_pretrained folder of a tiny FlowAR, and a tiny AutoencoderKL folder beside it."""
+    """A training export: a tiny FlowAR's from_pretrained folder with latents.json naming a tiny
+    AutoencoderKL (random weights) saved beside it."""
     import torch
     from diffusers import AutoencoderKL
 
     from flowar import FlowAR
+    from flowar.vae import load_vae
+    from pipelines.latents import LatentDatasetMeta
 
     d = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
@@ -32,6 +35,10 @@ def export(tmp_path_factory):
     AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
                   down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(d / "vae")
+    info = load_vae(str(d / "vae"))[1]
+    meta = LatentDatasetMeta(vae=info.to_dict(), resolution=8, latent_size=4, latent_channels=4,
+                             scales=[1, 2, 4], num_classes=10)
+    (d / "model" / "latents.json").write_text(meta.to_json())
     return d
 
 
@@ -49,7 +56,7 @@ def runs(ray_local, export, tmp_path_factory):
 
         def run(name, workers):
             cfg = load_config(EvalConfig, None, BASE + [
-                f"generation.checkpoint={export / 'model'}", f"generation.vae={export / 'vae'}",
+                f"generation.checkpoint={export / 'model'}",  # its VAE from latents.json
                 f"workers.num_workers={workers}", f"output_dir={tmp / name}",
                 f"mlflow.tracking_uri={uri}"])
             return main(cfg)
@@ -124,7 +131,7 @@ def test_sample_cli_writes_grid_and_files_of_the_evaluated_samples(runs, export,
     out, files = tmp_path / "grid.png", tmp_path / "files"
     rc = main(["sample", str(export / "model"), "sampler.num_steps=4", "sampler.cfg=2.0",
                "--classes", "0,1", "--per-class", "2", "--batch-size", "2", "--out", str(out),
-               "--images-dir", str(files), "--vae", str(export / "vae")])
+               "--images-dir", str(files)])
     assert rc == 0
     assert Image.open(out).size == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 grid of 8px images, 2px gaps
     written = sorted(files.iterdir())
@@ -135,7 +142,7 @@ def test_sample_cli_writes_grid_and_files_of_the_evaluated_samples(runs, export,
         assert np.abs(got - ref.astype(int)).max() <= 1
 
 
-def test_bad_inputs_fail_before_work(runs, export):
+def test_bad_inputs_fail_before_work(runs, export, tmp_path):
     from flowar.config import ConfigError
     from pipelines.cli import main as cli
     from pipelines.config import load_config
@@ -149,9 +156,15 @@ def test_bad_inputs_fail_before_work(runs, export):
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(EvalConfig, None, BASE + ["generation.checkpoint=x", "generation.nope=1"])
     changed = load_config(EvalConfig, None, BASE + [
-        f"generation.checkpoint={export / 'model'}", f"generation.vae={export / 'vae'}",
-        "generation.seed=1", f"output_dir={runs['tmp'] / 'one'}", f"mlflow.tracking_uri={runs['uri']}",
+        f"generation.checkpoint={export / 'model'}", "generation.seed=1", f"output_dir={runs['tmp'] / 'one'}", f"mlflow.tracking_uri={runs['uri']}",
         f"inception.weights={runs['tmp'] / 'cache' / CONVERTED_FILE}"])
     with pytest.raises(ConfigError, match="differs in: seed"):
         main(changed)
+    for source in ("/nonexistent/ref.npz", str(tmp_path)):  # missing file; folder without images
+        bad_ref = load_config(EvalConfig, None, BASE + [
+            f"generation.checkpoint={export / 'model'}", f"reference.source={source}",
+            f"output_dir={tmp_path / 'out'}"])
+        with pytest.raises(ConfigError, match="reference.source"):
+            main(bad_ref)
+        assert not (tmp_path / "out").exists()  # refused before any work
     assert cli(["sample", str(export / "model"), "--classes", "0,10", "--vae", str(export / "vae")]) == 2
