@@ -115,11 +115,12 @@ class UploadPlan:
     files: list[tuple[str, int]] = field(default_factory=list)
     raw_bytes: int = 0
     zip_bytes: int = 0
+    limit_mib: float = MAX_UPLOAD_MIB
 
     def summary(self) -> str:
         return (f"working dir {self.working_dir}: {len(self.files)} files, "
                 f"{self.raw_bytes / 2**20:.2f} MiB, {self.zip_bytes / 2**20:.2f} MiB zipped "
-                f"(limit {MAX_UPLOAD_MIB} MiB)")
+                f"(limit {self.limit_mib:g} MiB)")
 
     def largest(self, n: int = 8) -> list[tuple[str, int]]:
         return sorted(self.files, key=lambda f: -f[1])[:n]
@@ -157,6 +158,7 @@ def plan_upload(working_dir: Path, excludes: list[str]) -> UploadPlan:
 
 
 def check_upload(plan: UploadPlan, max_mib: float = MAX_UPLOAD_MIB) -> None:
+    plan.limit_mib = max_mib
     if plan.zip_bytes > max_mib * 2**20:
         biggest = "\n".join(f"    {s / 2**20:8.2f} MiB  {name}" for name, s in plan.largest())
         raise SubmitError(f"refusing to upload: {plan.summary()} exceeds {max_mib} MiB.\n"

@@ -75,6 +75,10 @@ def test_oversized_upload_is_refused_before_contacting_a_cluster(tmp_path):
                max_upload_mib=2)
     msg = str(e.value)
     assert "refusing to upload" in msg and "weights.bin" in msg and "3.00 MiB" in msg
+    assert "(limit 2 MiB)" in msg
+    (tmp_path / "weights.bin").unlink()  # small enough now: the next failure is the address
+    with pytest.raises(SubmitError, match="cannot reach the Ray cluster at http://127.0.0.1:9"):
+        submit("x", [], raw=True, working_dir=tmp_path, address="http://127.0.0.1:9")
 
 
 def test_address_token_env_and_entrypoint(tmp_path, monkeypatch):
