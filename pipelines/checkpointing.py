@@ -121,11 +121,14 @@ def full_ema_state(ema) -> dict[str, torch.Tensor]:
 
 
 def export_ema(model_cls, model_config, ema_full: dict[str, torch.Tensor], out_dir: str | Path,
-               meta: dict, extra_state: dict[str, torch.Tensor] | None = None):
+               meta: dict, extra_state: dict[str, torch.Tensor] | None = None,
+               info: dict | None = None):
     """Write the EMA weights as a `FlowAR.from_pretrained` directory plus latents.json.
 
     latents.json is a copy of the dataset metadata, so later stages (sampling, evaluation) know
-    which VAE and normalisation decode this model's latents."""
+    which VAE and normalisation decode this model's latents. `extra_state`: the trained model's
+    buffers (everything in its state dict that is not an EMA'd parameter); `info` goes into
+    config.json under "training"."""
     model = model_cls(model_config)
     state = model.state_dict()
     state.update(extra_state or {})
@@ -135,6 +138,6 @@ def export_ema(model_cls, model_config, ema_full: dict[str, torch.Tensor], out_d
     state.update(ema_full)
     model.load_state_dict(state)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, extra={"training": info or {}})
     (out_dir / "latents.json").write_text(json.dumps(meta, indent=1, default=str))
     return model

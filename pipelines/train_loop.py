@@ -77,6 +77,7 @@ def _inject_fault(fault: dict, rank: int, world: int, step: int) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray.data
     import ray.train
     import torch.distributed as dist
 
@@ -119,6 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   betas=tuple(tc.betas))
 
     meta = read_metadata(job.data.path)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one read, no bar spam
     shard = load_shard(ray.train.get_dataset_shard("train").iter_batches(
         batch_size=1024, batch_format="numpy"), rank, world)
     source = BatchSource(shard, meta, seed=tc.seed, rank=rank, micro_batch=tc.micro_batch,
@@ -146,11 +148,14 @@ def train_loop_per_worker(config: dict) -> None:
     window = {"sum": torch.zeros(1 + len(job.model.scales), dtype=torch.float64), "steps": 0,
               "gn": 0.0, "t0": time.perf_counter(), "ckpt_sum": 0.0, "ckpt_steps": 0}
 
-    def ema_export(out_dir: str, artifact_path: str = "") -> None:
+    def ema_export(out_dir: str, step: int, artifact_path: str = "") -> None:
         full = full_ema_state(ema)  # collective under FSDP
         if rank == 0:
+            buffers = {k: v.detach().cpu() for k, v in inner.state_dict().items() if k not in full}
+            info = {"run_dir": run_dir, "mlflow_run_id": run_id, "step": step,
+                    "ema_decay": tc.ema_decay, "dataset": job.data.path}
             with tempfile.TemporaryDirectory() as tmp:
-                export_ema(FlowAR, job.model, full, tmp, config["meta"])
+                export_ema(FlowAR, job.model, full, tmp, config["meta"], buffers, info)
                 _write_dir(tmp, out_dir)
                 if artifact_path:
                     mlflow_utils.log_artifacts(mlf, run_id, tmp, artifact_path)
@@ -226,11 +231,11 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {"step": done, "loss": interval_loss, "lr": lr, "epoch": done / source.steps_per_epoch}
             if interval_loss < best_loss:
                 best_loss = interval_loss
-                ema_export(f"{run_dir}/best")  # keep the best apart from Ray's last-N
+                ema_export(f"{run_dir}/best", done)  # keep the best apart from Ray's last-N
             if done == total_steps:
                 sample(done)
                 export_dir = tc.export_dir or f"{run_dir}/export"
-                ema_export(export_dir, artifact_path="model")
+                ema_export(export_dir, done, artifact_path="model")
                 metrics["export_dir"] = export_dir
             epoch, index = source.position(done)
             state = {"step": done, "epoch": epoch, "index_in_epoch": index, "world_size": world,
@@ -242,6 +247,12 @@ def train_loop_per_worker(config: dict) -> None:
                 writes = tc.strategy == "fsdp" or rank == 0
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp)
                                  if writes else None)
+    if rank == 0 and total_steps > start_step:
+        seconds = time.perf_counter() - t_loop
+        images = (total_steps - start_step) * tc.global_batch_size
+        print(f"flowar train: steps {start_step}..{total_steps} in {seconds:.1f}s "
+              f"({images / seconds:.1f} images/s over {world} worker(s)); best interval loss "
+              f"{best_loss:.4f}", flush=True)
 
 
 def _write_dir(local: str, target: str) -> None:
