@@ -3,10 +3,22 @@
     from flowar import FlowAR
     model = FlowAR.from_preset("S")
     model = flowar.load_published(state_dict, published_kwargs)   # released FlowAR-S/L/H
+
+Attributes are imported lazily, so `flowar.config` (used by every job's argument parsing) does not
+pull in torch and timm.
 """
 
-from .config import ConfigError, FlowARConfig, SamplerConfig, preset_config
-from .model import FlowAR
-from .published import load_published
+from importlib import import_module
 
-__all__ = ["FlowAR", "FlowARConfig", "SamplerConfig", "ConfigError", "preset_config", "load_published"]
+_EXPORTS = {
+    "FlowAR": "flowar.model", "load_published": "flowar.published",
+    "FlowARConfig": "flowar.config", "SamplerConfig": "flowar.config",
+    "ConfigError": "flowar.config", "preset_config": "flowar.config",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flowar' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 INJECTIONS = ("spatial_adaln", "cross_attention_adaln", "adaln", "addition", "cross_attention",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -161,15 +160,9 @@ def _prepare_output(cfg: EncodeConfig, record: dict) -> None:
 
 
 def _init_ray(cfg: EncodeConfig):
-    import ray
-    if not ray.is_initialized():
-        need = cfg.encode.actors * cfg.encode.actor_cpus + 1  # + one decode task at a time
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {"PYTHONPATH": root, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-        ray.init(address=cfg.ray.address or None, num_cpus=None if cfg.ray.address else num_cpus,
-                 include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    return ray
+    from pipelines.ray_runtime import init_ray
+    need = cfg.encode.actors * cfg.encode.actor_cpus + 1  # + one decode task at a time
+    return init_ray(cfg.ray, min_cpus=int(need + 0.999))
 
 
 def run_encode(cfg: EncodeConfig) -> dict:

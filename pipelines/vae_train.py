@@ -169,15 +169,9 @@ def _train_worker(config: dict) -> None:
 
 
 def _init_ray(cfg: VAETrainConfig):
-    import ray
-    if not ray.is_initialized():
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {"PYTHONPATH": root, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-        # Logical oversubscription: the data stage needs CPU beside the workers (ray-stack-facts §3.1).
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cfg.train.num_workers + 2)
-        ray.init(address=cfg.ray.address or None, num_cpus=None if cfg.ray.address else num_cpus,
-                 include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    return ray
+    from pipelines.ray_runtime import init_ray
+    # the data stage needs CPU beside the workers (ray-stack-facts §3.1)
+    return init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)
 
 
 def _good_images(batch: dict, source: dict, resolution: int) -> dict:

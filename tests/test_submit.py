@@ -206,10 +206,7 @@ def test_encode_then_train_on_the_cluster(cluster, tiny_vae, tmp_path, capsys):
     code, stdout, stderr = _flowar(
         cluster, "submit", "--address", cluster["address"], "encode",
         "configs/encode-fashion-mnist.yaml", "source.limit=48", f"vae.spec={tiny_vae}",
-        f"output={latents}", "encode.resolution=8", "encode.shard_size=24", "encode.batch_size=24",
-        # encode passes num_cpus to ray.init unless ray.address is set, which Ray refuses when
-        # joining a cluster; "auto" joins the job's cluster (see the report on issue 8).
-        "ray.address=auto")
+        f"output={latents}", "encode.resolution=8", "encode.shard_size=24", "encode.batch_size=24")
     assert code == 0, (stdout + stderr)[-4000:]
     encode_id = stdout.splitlines()[0]
     assert encode_id.startswith("raysubmit_") and "uploading working dir" in stderr
