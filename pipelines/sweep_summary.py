@@ -95,6 +95,14 @@ def summarise(results, sweep, axes, base, cli_overrides, uri: str, parent_id: st
     exp_id = c.get_run(parent_id).info.experiment_id
     children = {r.data.tags.get("sweep.trial_id"): r for r in c.search_runs(
         [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
+    from pipelines.sweep import close_stopped_child
+
+    for trial in results._experiment_analysis.trials:  # all trial processes have ended now
+        run = children.get(trial.trial_id)
+        if run is not None and trial.status == "TERMINATED":
+            close_stopped_child(c, run, trial.last_result)
+    children = {r.data.tags.get("sweep.trial_id"): r for r in c.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
     metric = sweep.metric
     rows = trial_rows(results, axes, metric, children)
     columns = ["trial_id", *(a.key for a in axes), metric, "step", "status"]
