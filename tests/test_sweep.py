@@ -45,7 +45,7 @@ def write_sweep(tmp: Path, name: str, search: dict, **extra) -> Path:
             "search": search, "metric": "loss", "mode": "min",
             "resources": {"workers": 1}, "storage_path": str(tmp / "tune"), **extra}
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # axis order = column order
     return path
 
 
