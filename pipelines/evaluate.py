@@ -84,8 +84,8 @@ class EvalConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     output_dir: str = ""  # shards, grid and report; empty: $FLOWAR_HOME/eval/<settings hash>
-    run_id: str = ""  # MLflow run to log into; empty: <checkpoint>/mlflow.json's, else a new run
-    step: int = -1  # checkpoint step for the metrics; -1: <checkpoint>/mlflow.json's, else 0
+    run_id: str = ""  # MLflow run to log into; empty: the export's training run, else a new run
+    step: int = -1  # checkpoint step for the metrics; -1: the export's training step, else 0
     metric_prefix: str = "eval"
 
     def __post_init__(self):
@@ -122,9 +122,29 @@ def checkpoint_identity(ckpt: Path) -> dict:
 
 
 def read_training_link(ckpt: Path) -> dict:
-    """{run_id, step} a training export may leave in mlflow.json (optional)."""
-    p = ckpt / "mlflow.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    """{run_id, step} of the training that wrote this export (config.json's "training" entry,
+    written by flowar train's EMA export); empty for a bare save_pretrained folder."""
+    training = json.loads((ckpt / "config.json").read_text()).get("training") or {}
+    return {k: v for k, v in (("run_id", training.get("mlflow_run_id")),
+                              ("step", training.get("step"))) if v is not None}
+
+
+def resolve_run(cfg: EvalConfig, link: dict) -> tuple[str, str]:
+    """(run id to log into or "", note). An explicit run_id must exist in the store; the
+    export's training run is used when this store has it, else a new run records its id."""
+    import mlflow
+
+    run_id = cfg.run_id or link.get("run_id", "")
+    if not run_id:
+        return "", "new run"
+    try:
+        mlflow.tracking.MlflowClient(cfg.mlflow.resolved_uri()).get_run(run_id)
+        return run_id, "training run"
+    except Exception:  # noqa: BLE001 (mlflow raises MlflowException or a store error)
+        if cfg.run_id:
+            raise ConfigError(f"run_id={run_id!r} is not a run of the MLflow store "
+                              f"{cfg.mlflow.resolved_uri()}") from None
+        return "", f"new run (training run {run_id} is not in {cfg.mlflow.resolved_uri()})"
 
 
 def vae_spec(cfg: EvalConfig, ckpt: Path) -> dict:
@@ -153,7 +173,7 @@ def main(cfg: EvalConfig) -> dict:
                  "sampler": to_dict(cfg.sampler)}
     link = read_training_link(ckpt)
     step = cfg.step if cfg.step >= 0 else int(link.get("step", 0))
-    run_id = cfg.run_id or link.get("run_id", "")
+    run_id, run_note = resolve_run(cfg, link)
     need_features = cfg.metrics.kid or cfg.metrics.prc
     # Refuse a bad sampler or reference before any work (not after 50,000 samples).
     from flowar.sampling import time_grid
@@ -237,7 +257,8 @@ def main(cfg: EvalConfig) -> dict:
                          "computed": gen_run["computed"]},
               "throughput": gen_run["throughput"], "workers": worker_info,
               "kid_subset_size": min(m.kid_subset_size, gen["stats"].count, ref["count"] or 0),
-              "settings": settings, "config": to_dict(cfg), "output_dir": str(out)}
+              "settings": settings, "config": to_dict(cfg), "output_dir": str(out),
+              "mlflow": {"logged_to": run_note, "training_run_id": link.get("run_id", "")}}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     report["mlflow_run_id"] = log_to_mlflow(cfg, run_id, step, results, report, out / "report.json",
                                             grid_path)

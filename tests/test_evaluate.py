@@ -15,7 +15,7 @@ BASE = ["generation.num_samples=12", "generation.samples_per_class=2", "generati
         "generation.shard_size=4", "generation.save_images=true", "generation.grid_classes=3",
         "generation.grid_per_class=2", "sampler.num_steps=4", "sampler.cfg=2.0",
         "reference.source=fashion-mnist:test", "reference.max_images=12", "reference.batch_size=12",
-        "reference.shard_size=12", "metrics.kid=true", "metrics.prc=true", "step=7"]
+        "reference.shard_size=12", "metrics.kid=true", "metrics.prc=true"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,18 @@ def runs(ray_local, export, tmp_path_factory):
     from pipelines.config import load_config
     from pipelines.evaluate import EvalConfig, main
 
+    import mlflow
+
+    from flowar import FlowAR
+
     tmp = tmp_path_factory.mktemp("evals")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    # The export names its training run and step (config.json "training"), as flowar train's does.
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as train_run:
+        pass
+    FlowAR.from_pretrained(export / "model").save_pretrained(
+        export / "model", extra={"training": {"mlflow_run_id": train_run.info.run_id, "step": 7}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLOWAR_CACHE", str(tmp / "cache"))  # converted Inception + reference stats
 
@@ -68,7 +78,7 @@ def runs(ray_local, export, tmp_path_factory):
         shards[1].unlink()  # as if the evaluation had been killed before this shard finished
         resumed = run("two", 1)
     return {"one": one, "two": two, "resumed": resumed, "mtimes": mtimes, "lost": shards[1].name,
-            "tmp": tmp, "uri": uri}
+            "tmp": tmp, "uri": uri, "train_run_id": train_run.info.run_id}
 
 
 def _images(report):
@@ -114,9 +124,12 @@ def test_report_and_mlflow(runs):
     saved = json.loads((runs["tmp"] / "one" / "report.json").read_text())
     assert saved["config"]["sampler"]["cfg"] == 2.0 and saved["settings"]["seed"] == 0
     client = mlflow.tracking.MlflowClient(runs["uri"])
+    assert rep["mlflow_run_id"] == runs["train_run_id"] and rep["step"] == 7  # from the export
     run = client.get_run(rep["mlflow_run_id"])
     hist = client.get_metric_history(run.info.run_id, "eval/fid")
-    assert [(m.step, m.value) for m in hist] == [(7, pytest.approx(rep["results"]["fid"]))]
+    # three evaluations of the same export logged into its training run, at its step
+    assert [m.step for m in hist] == [7, 7, 7]
+    assert hist[0].value == pytest.approx(rep["results"]["fid"])
     assert "eval/inception_score" not in run.data.metrics
     assert run.data.tags["eval/inception_score"].startswith("unavailable")
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
