@@ -241,8 +241,11 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
     print(f"flowar sweep: {'resuming' if resume else 'starting'} sweep {sweep.name!r} "
           f"({len(axes)} axes; MLflow parent run {parent_id}; Tune dir {exp_dir})")
 
-    if not ray.is_initialized():
-        ray.init(address=base_cfg.ray.address or None, num_cpus=base_cfg.ray.num_cpus or None)
+    from pipelines.ray_runtime import init_ray
+
+    # A local Ray may come up without the dashboard (no State API): SweepCallback then frees
+    # the placement groups of stopped trials itself (release_orphaned_placement_groups).
+    init_ray(base_cfg.ray, min_cpus=4)
     # A diverged trial reports no metric (train_loop's non-finite report): it must fail alone,
     # not stop the sweep on Tune's strict metric check. Experiment state is saved every 2 s, so
     # a killed driver loses little.
