@@ -215,7 +215,6 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
     sweep, base = load_sweep(sweep_path, sweep_over)
     axes, base_cfg = validate(sweep, base, train_over)  # before anything starts
 
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
