@@ -65,7 +65,7 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
             "train.device=cpu", f"train.global_batch_size={args.batch}", f"train.max_steps={args.steps}",
             f"train.log_every={max(1, args.steps // 6)}", f"train.checkpoint_every={args.steps}",
             "train.sample_every=0", "train.samples_per_class=1", "train.sample_classes=[0]",
-            "sampler.num_steps=2", f"mlflow.tracking_uri={uri}", f"mlflow.run_name=bench-{workers}",
+            "sampler.num_steps=4", f"mlflow.tracking_uri={uri}", f"mlflow.run_name=bench-{workers}",
             f"ray.storage_path={tmp / 'ray'}", "train.max_failures=0"])
         run_training(cfg, dataset=dataset)
         c = MlflowClient(uri)

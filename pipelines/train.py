@@ -126,6 +126,17 @@ def storage_path(cfg: TrainJobConfig) -> str:
     return str(root / "ray_results")
 
 
+def check_job(cfg: TrainJobConfig) -> None:
+    """What the workers would only discover late (at the first sample grid): check it now."""
+    from flowar.sampling import time_grid
+
+    time_grid(cfg.sampler.num_steps, cfg.sampler.time_grid)  # ConfigError for impossible grids
+    bad = [c for c in cfg.train.sample_classes if not 0 <= c < cfg.model.num_classes]
+    if bad:
+        raise ConfigError(f"train.sample_classes {bad} are outside [0, model.num_classes="
+                          f"{cfg.model.num_classes})")
+
+
 def check_dataset(cfg: TrainJobConfig):
     """Read and check the dataset's metadata before anything starts (ConfigError when unfit)."""
     from pipelines.latents import check_compatible, read_metadata
@@ -168,6 +179,7 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     from pipelines.latents import ray_dataset
     from pipelines.train_loop import train_loop_per_worker
 
+    check_job(cfg)
     meta = check_dataset(cfg)
     name = run_name(cfg)
     uri = cfg.mlflow.resolved_uri()

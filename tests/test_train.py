@@ -174,6 +174,16 @@ def test_unknown_config_key_is_refused(dataset, capsys):
     assert "train.learning_rate" in capsys.readouterr().err
 
 
+def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset, tmp_path, mlflow_uri):
+    from pipelines.train import run_training
+
+    with pytest.raises(ConfigError, match="sampler.num_steps"):
+        run_training(job(dataset, tmp_path, mlflow_uri, "sampler.num_steps=2"))
+    with pytest.raises(ConfigError, match="sample_classes"):
+        run_training(job(dataset, tmp_path, mlflow_uri, "train.sample_classes=[3,12]"))
+    assert not (tmp_path / "ray_results").exists()
+
+
 def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path, mlflow_uri):
     from pipelines.train import run_training
 
