@@ -29,6 +29,7 @@ class QuickstartConfig:
     home: str = ""  # where everything is written; empty: $FLOWAR_HOME, else ./flowar-runs
     images: int = 0  # Fashion-MNIST training images to encode; 0: all 60,000
     classifier_epochs: int = 2
+    classifier_images: int = 0  # training images for the classifier; 0: all 60,000
     accuracy_samples_per_class: int = 50
     vae: dict = field(default_factory=dict)  # overrides of configs/vae-fashion-mnist.yaml
     encode: dict = field(default_factory=dict)  # overrides of configs/encode-fashion-mnist.yaml
@@ -51,14 +52,12 @@ def _stage(name: str, timings: dict):
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     import ray
-    import torch
 
     from pipelines import mlflow_utils
-    from pipelines.classifier import accuracy, load_classifier, train_classifier
+    from pipelines.classifier import train_classifier
     from pipelines.config import apply_overrides
     from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.evaluate import EvalConfig, main as run_evaluate
-    from pipelines.sample import sample_images
+    from pipelines.evaluate import EvalConfig
     from pipelines.train import load_train_config, run_training
     from pipelines.vae_train import VAETrainConfig, run_vae_train
 
@@ -94,26 +93,17 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     with _stage("2/6 encode (flowar encode)", timings):
         encoded = run_encode(encode_cfg)
     with _stage("3/6 classifier that judges the samples", timings):
-        clf_record = train_classifier(home / "classifier", epochs=cfg.classifier_epochs)
+        clf_record = train_classifier(home / "classifier", epochs=cfg.classifier_epochs,
+                                      limit=cfg.classifier_images)
     with _stage("4/6 train (flowar train, 2 workers)", timings):
         result = run_training(train_cfg, str(CONFIGS / "quickstart.yaml"))
         export = (result.metrics or {}).get("export_dir")
         run_id = _training_run_id(uri, train_cfg)
     with _stage("5/6 evaluate (flowar evaluate: FID vs the test set)", timings):
-        eval_cfg = load_config(EvalConfig, CONFIGS / "eval-quickstart.yaml",
-                               apply_overrides(eval_over, {"generation": {"checkpoint": export},
-                                                           "run_id": run_id}))
-        report = run_evaluate(eval_cfg)
+        report = evaluate_export(export, eval_over, run_id)
     with _stage("6/6 class accuracy of the samples and the 10-class grid", timings):
-        per_class = cfg.accuracy_samples_per_class
-        images, indices = sample_images(export, list(range(10)), per_class, eval_cfg.sampler)
-        labels = torch.tensor([i // per_class for i in indices])
-        pixels = torch.from_numpy(images).float().div(127.5).sub(1)
-        class_acc = accuracy(load_classifier(home / "classifier"), pixels, labels)
-        from pipelines.eval_run import grid_png
-        grid = grid_png(list(images[[c * per_class + j for c in range(10) for j in range(8)]]), 8,
-                        home / "quickstart-grid.png")
-
+        class_acc, grid = class_accuracy(export, home, cfg.accuracy_samples_per_class,
+                                         report["config"]["sampler"])
     fid = report["results"].get("fid")
     summary = {"wall_seconds": round(time.time() - started, 1), "stage_seconds": timings,
                "fid": fid, "class_accuracy": class_acc,
@@ -129,6 +119,35 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     (home / "quickstart-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
     return summary
+
+
+def evaluate_export(export: str, eval_overrides: dict, run_id: str = "") -> dict:
+    """`flowar evaluate` of one export with the quickstart's evaluation settings."""
+    from pipelines.config import apply_overrides
+    from pipelines.evaluate import EvalConfig, main as run_evaluate
+    over = apply_overrides(eval_overrides, {"generation": {"checkpoint": export}, "run_id": run_id})
+    return run_evaluate(load_config(EvalConfig, CONFIGS / "eval-quickstart.yaml", over))
+
+
+def class_accuracy(export: str, home: Path, per_class: int, sampler: dict) -> tuple[float, Path]:
+    """Fraction of `per_class` samples of each class that the classifier assigns to that class,
+    and a grid PNG (one row per class)."""
+    import torch
+
+    from flowar.config import SamplerConfig, from_dict
+    from pipelines.classifier import accuracy, load_classifier
+    from pipelines.eval_run import grid_png
+    from pipelines.sample import sample_images
+
+    images, indices = sample_images(export, list(range(10)), per_class,
+                                    from_dict(SamplerConfig, sampler, "sampler"))
+    labels = torch.tensor([i // per_class for i in indices])
+    pixels = torch.from_numpy(images).float().div(127.5).sub(1)
+    acc = accuracy(load_classifier(home / "classifier"), pixels, labels)
+    shown = min(per_class, 8)
+    grid = grid_png(list(images[[c * per_class + j for c in range(10) for j in range(shown)]]), shown,
+                    Path(export).parent / f"{Path(export).name}-classes.png")
+    return acc, grid
 
 
 def _training_run_id(uri: str, train_cfg) -> str:
