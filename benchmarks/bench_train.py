@@ -84,6 +84,9 @@ def encode_vs_cached(args) -> dict[str, float]:
     from flowar import FlowAR
     from flowar.optim import param_groups
 
+    # One thread, like a Ray Train worker with 1 CPU (Ray sets OMP_NUM_THREADS=1): comparable
+    # figures, and no OpenMP spin-waiting against other processes on a small machine.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 3,
                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64],
@@ -130,11 +133,8 @@ def main() -> int:
     p.add_argument("--skip-ray", action="store_true", help="only the in-process comparison")
     args = p.parse_args()
 
-    import torch
-
     print(f"## Training throughput: preset {args.preset}, 8x8x4 latents (32x32 images), global batch "
-          f"{args.batch}, {args.steps} steps, {os.cpu_count()} CPU cores, torch threads "
-          f"{torch.get_num_threads()}\n")
+          f"{args.batch}, {args.steps} steps, {os.cpu_count()} CPU cores\n")
     if not args.skip_ray:
         with tempfile.TemporaryDirectory() as tmp:
             ray_figures = ray_train_throughput(args, Path(tmp))
