@@ -187,6 +187,8 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     run_id, resumed = mlflow_utils.start_or_resume_run(
         uri, cfg.mlflow.experiment, name, artifact_location=cfg.mlflow.artifact_location)
     mlflow_utils.log_config(uri, run_id, cfg, config_path, tags=_tags(cfg, meta))
+    if resumed and "stopped" in mlflow_utils.client(uri).get_run(run_id).data.tags:
+        mlflow_utils.client(uri).delete_tag(run_id, "stopped")  # a new attempt after a divergence
     print(f"flowar train: {'resuming' if resumed else 'starting'} run {name!r} "
           f"(MLflow run {run_id}, {uri})")
 
@@ -219,10 +221,12 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     except Exception:
         mlflow_utils.end_run(uri, run_id, "FAILED")
         raise
-    metrics = result.metrics or {}
-    if metrics.get("non_finite_loss"):
+    # Rank 0 tags the run "stopped" on NaN/inf; the tag (not result.metrics, which Ray fills
+    # only from reports that carry a checkpoint) tells the driver that training diverged.
+    stopped = mlflow_utils.client(uri).get_run(run_id).data.tags.get("stopped")
+    if stopped or (result.metrics or {}).get("non_finite_loss"):
         mlflow_utils.end_run(uri, run_id, "FAILED")
-        raise TrainingDiverged(metrics.get("message", "the loss became NaN or inf"))
+        raise TrainingDiverged(stopped or "the loss became NaN or inf")
     mlflow_utils.end_run(uri, run_id, "FINISHED")
     return result
 

@@ -294,3 +294,15 @@ def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_coun
     assert result.metrics["step"] == 45 and math.isfinite(result.metrics["loss"])
     resumed = [m.value for m in c.get_metric_history(run_id, "resumed_from_step")]
     assert sorted(resumed) == [0, 20, 40]
+
+
+def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tmp_path, mlflow_uri):
+    from pipelines.train import TrainingDiverged, run_training
+
+    cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=nan", "train.base_lr=1e9",
+              "train.warmup_steps=0", "train.grad_clip=0")
+    with pytest.raises(TrainingDiverged, match=r"non-finite training at step \d+"):
+        run_training(cfg, dataset=ray_data)
+    c, runs = mlflow_run(mlflow_uri, "nan")
+    assert runs[0].info.status == "FAILED" and "lower train.base_lr" in runs[0].data.tags["stopped"]
+    assert not list((tmp_path / "ray_results" / "nan").glob("checkpoint_*"))  # nothing saved after
