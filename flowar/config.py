@@ -124,6 +124,9 @@ class SamplerConfig:
     def __post_init__(self):
         if self.num_steps < 1:
             raise ConfigError(f"sampler.num_steps={self.num_steps}: need at least one step")
+        if self.time_grid == "published" and self.num_steps < 4:
+            raise ConfigError(f"sampler.num_steps={self.num_steps}: the published grid needs at least "
+                              "4 points; use sampler.time_grid=uniform for fewer steps")
         if self.cfg < 1.0:
             raise ConfigError(f"sampler.cfg={self.cfg}: guidance scales below 1 are not supported")
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:

@@ -16,6 +16,7 @@ SMALL = [
     "encode.encode.shard_size=1000", "encode.encode.flip=false",
     "train.train.max_steps=300", "train.train.log_every=50", "train.train.checkpoint_every=300",
     "train.train.sample_every=0", "train.train.warmup_steps=20",
+    "train.train.ema_decay=0.98",  # a 300-step run: a longer EMA would still hold the init
     "evaluate.generation.num_samples=100", "evaluate.generation.samples_per_class=10",
     "evaluate.generation.shard_size=50", "evaluate.reference.max_images=200",
     "evaluate.sampler.num_steps=10",
