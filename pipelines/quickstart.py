@@ -27,9 +27,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @dataclass
 class QuickstartConfig:
     home: str = ""  # where everything is written; empty: $FLOWAR_HOME, else ./flowar-runs
-    images: int = 0  # Fashion-MNIST training images to encode; 0: all 60,000
+    images: int = 20000  # Fashion-MNIST training images to encode; 0: all 60,000
     classifier_epochs: int = 2
-    classifier_images: int = 0  # training images for the classifier; 0: all 60,000
+    classifier_images: int = 30000  # training images for the classifier; 0: all 60,000
     accuracy_samples_per_class: int = 50
     vae: dict = field(default_factory=dict)  # overrides of configs/vae-fashion-mnist.yaml
     encode: dict = field(default_factory=dict)  # overrides of configs/encode-fashion-mnist.yaml

@@ -27,6 +27,8 @@ def init_ray(cfg=None, min_cpus: int = 0):
         ray.init(address=address, log_to_driver=True)
     else:
         num_cpus = getattr(cfg, "num_cpus", 0) or max(os.cpu_count() or 1, min_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+        # The dashboard hosts the State API, which Ray Train needs to free the placement groups
+        # of trials that Tune stops (ray-stack-facts §4.4); it binds to loopback.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False, runtime_env={"env_vars": env})
     return ray

@@ -127,6 +127,8 @@ def release_orphaned_placement_groups() -> list[str]:
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    if state_api_available():  # Ray Train frees them itself; never race it
+        return []
     nil = b"\xff" * 16
     released = []
     accessor = ray._private.state.state._connect_and_get_accessor()
@@ -138,6 +140,21 @@ def release_orphaned_placement_groups() -> list[str]:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             released.append(pg.placement_group_id.hex())
     return released
+
+
+_STATE_API: list[bool] = []
+
+
+def state_api_available() -> bool:
+    """Whether this Ray has the dashboard's State API (then Ray Train cleans up after itself)."""
+    if not _STATE_API:
+        try:
+            from ray.util.state import list_nodes
+            list_nodes(limit=1, timeout=5)
+            _STATE_API.append(True)
+        except Exception:
+            _STATE_API.append(False)
+    return _STATE_API[0]
 
 
 def make_callback(sweep_name: str, uri: str, experiment: str, metric: str):
