@@ -187,9 +187,8 @@ def main(cfg: EvalConfig) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"reference.source: {e}") from None
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+    from pipelines.ray_runtime import init_ray
+    init_ray(cfg.ray)
     # Resolved (and converted, once) here: workers on every node get one explicit file.
     weights = resolve_weights(cfg.inception.weights, cfg.inception.allow_download)
     shards = [(s, min(s + g.shard_size, g.num_samples)) for s in range(0, g.num_samples, g.shard_size)]

@@ -51,12 +51,11 @@ def _stage(name: str, timings: dict):
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    import ray
-
     from pipelines import mlflow_utils
     from pipelines.classifier import train_classifier
     from pipelines.config import apply_overrides
     from pipelines.encode import EncodeConfig, run_encode
+    from pipelines.ray_runtime import init_ray
     from pipelines.evaluate import EvalConfig
     from pipelines.train import load_train_config, run_training
     from pipelines.vae_train import VAETrainConfig, run_vae_train
@@ -82,11 +81,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                                  "output_dir": str(home / "eval")}, cfg.evaluate)
     load_config(EvalConfig, CONFIGS / "eval-quickstart.yaml", eval_over)
 
-    if not ray.is_initialized():
-        # Logical oversubscription: Ray Data needs CPU beside the 2 training workers.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {
-                     "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(CONFIGS.parent)}})
+    init_ray(None, min_cpus=4)  # Ray Data needs CPU beside the 2 training workers
 
     with _stage("1/6 VAE (flowar vae train)", timings):
         run_vae_train(vae_cfg)

@@ -192,8 +192,8 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     print(f"flowar train: {'resuming' if resumed else 'starting'} run {name!r} "
           f"(MLflow run {run_id}, {uri})")
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None)
+    from pipelines.ray_runtime import init_ray
+    init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)  # + CPU for Ray Data beside the workers
     use_gpu = _use_gpu(cfg)
     # Materialised before fit: on small machines streaming reads starve beside the workers
     # (ray-stack-facts §3.1), and the workers read it several times.
