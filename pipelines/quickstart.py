@@ -177,7 +177,9 @@ def _print_summary(s: dict) -> None:
     print(f"  MLflow store:                  {s['tracking_uri']}")
     print(f"  summary:                       {s['home']}/quickstart-summary.json")
     print("\nOpen the MLflow UI (runs, metrics, sample grids) with:")
-    print(f"  mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 --port 5000")
+    import sys
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    print(f"  {mlflow_cli} ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 --port 5000")
     print("  then browse http://127.0.0.1:5000")
 
 
