@@ -187,6 +187,10 @@ def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset
 def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path, mlflow_uri):
     from pipelines.train import run_training
 
+    with pytest.raises(ConfigError, match="scale_construction"):
+        run_training(job(make_dataset(tmp_path / "img", count=8), tmp_path, mlflow_uri,
+                         "model.scale_construction=image"))
+
     other = make_dataset(tmp_path / "eight", count=8, side=8)  # 8x8 latents, model ends at 4
     cfg = job(other, tmp_path, mlflow_uri)
     with pytest.raises(ConfigError, match="latent_size"):
