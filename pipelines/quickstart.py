@@ -56,7 +56,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from pipelines.config import apply_overrides
     from pipelines.encode import EncodeConfig, run_encode
     from pipelines.ray_runtime import init_ray
-    from pipelines.evaluate import EvalConfig
+    from pipelines.evaluate import EvalConfig, read_training_link
     from pipelines.train import load_train_config, run_training
     from pipelines.vae_train import VAETrainConfig, run_vae_train
 
@@ -93,9 +93,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     with _stage("4/6 train (flowar train, 2 workers)", timings):
         result = run_training(train_cfg, str(CONFIGS / "quickstart.yaml"))
         export = (result.metrics or {}).get("export_dir")
-        run_id = _training_run_id(uri, train_cfg)
+        # the export records its training run; `flowar evaluate` logs into it from there too
+        run_id = read_training_link(Path(export)).get("run_id", "")
     with _stage("5/6 evaluate (flowar evaluate: FID vs the test set)", timings):
-        report = evaluate_export(export, eval_over, run_id)
+        report = evaluate_export(export, eval_over)
     with _stage("6/6 class accuracy of the samples and the 10-class grid", timings):
         class_acc, grid = class_accuracy(export, home, cfg.accuracy_samples_per_class,
                                          report["config"]["sampler"])
@@ -116,11 +117,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     return summary
 
 
-def evaluate_export(export: str, eval_overrides: dict, run_id: str = "") -> dict:
+def evaluate_export(export: str, eval_overrides: dict) -> dict:
     """`flowar evaluate` of one export with the quickstart's evaluation settings."""
     from pipelines.config import apply_overrides
     from pipelines.evaluate import EvalConfig, main as run_evaluate
-    over = apply_overrides(eval_overrides, {"generation": {"checkpoint": export}, "run_id": run_id})
+    over = apply_overrides(eval_overrides, {"generation": {"checkpoint": export}})
     return run_evaluate(load_config(EvalConfig, CONFIGS / "eval-quickstart.yaml", over))
 
 
@@ -143,16 +144,6 @@ def class_accuracy(export: str, home: Path, per_class: int, sampler: dict) -> tu
     grid = grid_png(list(images[[c * per_class + j for c in range(10) for j in range(shown)]]), shown,
                     Path(export).parent / f"{Path(export).name}-classes.png")
     return acc, grid
-
-
-def _training_run_id(uri: str, train_cfg) -> str:
-    """The MLflow run of the training job (same name as its Ray Train run)."""
-    from pipelines import mlflow_utils
-    from pipelines.train import run_name
-    c = mlflow_utils.client(uri)
-    exp = c.get_experiment_by_name(train_cfg.mlflow.experiment)
-    runs = c.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name(train_cfg)}'") if exp else []
-    return runs[0].info.run_id if runs else ""
 
 
 def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
