@@ -73,13 +73,14 @@ def segments(scales: tuple[int, ...]) -> list[tuple[int, int]]:
     return out
 
 
+def image_at_scale(images: torch.Tensor, side: int, downsample: int) -> torch.Tensor:
+    """The image whose VAE latent is side x side: area-downsampled to side * downsample pixels."""
+    px = side * downsample
+    return images if images.shape[-1] == px else F.interpolate(images, size=(px, px), mode="area")
+
+
 def image_scale_targets(images: torch.Tensor, scales: tuple[int, ...], downsample: int,
                         encode) -> list[torch.Tensor]:
     """Table 3's alternative: each scale's map is the VAE latent of the image downsampled to
     side * downsample pixels (`encode`: images in [-1, 1] -> normalised latents)."""
-    maps = []
-    for s in scales:
-        px = s * downsample
-        small = images if images.shape[-1] == px else F.interpolate(images, size=(px, px), mode="area")
-        maps.append(encode(small))
-    return maps
+    return [encode(image_at_scale(images, s, downsample)) for s in scales]

@@ -42,6 +42,9 @@ class EncodeSection:
     resolution: int = 32  # side of the center crop
     flip: bool = True  # also store the horizontally flipped image's moments (MAR does)
     pyramid: list[int] = field(default_factory=list)  # coarser sides to store as mean_s{k}
+    # Coarser sides whose latents are encoded from the area-downsampled image (Table 3's "image"
+    # scale construction, for model.scale_construction=image): columns mean_img{k}, std_img{k}.
+    image_pyramid: list[int] = field(default_factory=list)
     dtype: Literal["float32", "float16"] = "float32"
     shard_size: int = 1000  # images per resume unit
     batch_size: int = 64  # images per VAE forward pass
@@ -81,19 +84,24 @@ class LatentWriter:
         import torch
         import torch.nn.functional as F
 
+        from flowar.pyramid import image_at_scale
         from flowar.vae import encode_moments
         enc = self.cfg["encode"]
         dtype = getattr(torch, self.meta.dtype)
-        out = {name: [] for name in ("mean", "std", "mean_flip", "std_flip")}
+        downsample = self.meta.resolution // self.meta.latent_size
+        out: dict[str, list] = {}
         for s in range(0, len(images), enc["batch_size"]):
             x = torch.from_numpy(images[s:s + enc["batch_size"]].copy()).permute(0, 3, 1, 2)
             x = x.float().div(127.5).sub(1.0)
             views = [("", x)] + ([("_flip", x.flip(3))] if self.meta.flip else [])
             for suffix, view in views:
-                mean, std = encode_moments(self.vae, view)
-                out["mean" + suffix].append(mean.cpu())
-                out["std" + suffix].append(std.cpu())
-        cols = {k: torch.cat(v) for k, v in out.items() if v}
+                sizes = [("", None)] + [(f"_img{k}", k) for k in self.meta.image_scales]
+                for tag, side in sizes:
+                    small = view if side is None else image_at_scale(view, side, downsample)
+                    mean, std = encode_moments(self.vae, small)
+                    out.setdefault(f"mean{suffix}{tag}", []).append(mean.cpu())
+                    out.setdefault(f"std{suffix}{tag}", []).append(std.cpu())
+        cols = {k: torch.cat(v) for k, v in out.items()}
         for side in self.meta.scales[:-1]:  # coarser pyramid levels of the mean, area-downsampled
             cols[f"mean_s{side}"] = F.interpolate(cols["mean"], size=(side, side), mode="area")
         return {k: v.to(dtype).numpy() for k, v in cols.items()}
@@ -159,6 +167,25 @@ def _prepare_output(cfg: EncodeConfig, record: dict) -> None:
         f.write(json.dumps(record, indent=1).encode())
 
 
+def _probe_image_scales(vae, sides, downsample: int, channels: int) -> None:
+    """Encode one blank image at each image-pyramid size before any work: a VAE that cannot take a
+    small image (e.g. GroupNorm with one value per group at 1x1) fails here, not in an actor."""
+    import torch
+
+    from flowar.vae import encode_moments
+    for side in sorted(set(sides)):
+        px = side * downsample
+        try:
+            with torch.no_grad():
+                mean, _ = encode_moments(vae, torch.zeros(1, 3, px, px))
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"encode.image_pyramid: the VAE cannot encode the {px}x{px} image "
+                              f"of scale {side} ({e}); leave out that side") from None
+        if tuple(mean.shape[1:]) != (channels, side, side):
+            raise ConfigError(f"encode.image_pyramid: a {px}x{px} image encodes to "
+                              f"{tuple(mean.shape[1:])}, not ({channels}, {side}, {side})")
+
+
 def _init_ray(cfg: EncodeConfig):
     from pipelines.ray_runtime import init_ray
     need = cfg.encode.actors * cfg.encode.actor_cpus + 1  # + one decode task at a time
@@ -180,21 +207,26 @@ def run_encode(cfg: EncodeConfig) -> dict:
             raise ConfigError(f"encode.{name}={getattr(enc, name)} must be at least 1")
     items, classes = list_items(cfg.source)
     try:
-        _, info = load_vae(cfg.vae.spec, "cpu", cfg.vae.ldm_config or None)
+        vae, info = load_vae(cfg.vae.spec, "cpu", cfg.vae.ldm_config or None)
     except (OSError, ValueError) as e:
         raise ConfigError(f"vae.spec={cfg.vae.spec!r}: {e}") from None
     if enc.resolution % info.downsample:
         raise ConfigError(f"encode.resolution={enc.resolution} is not a multiple of the VAE's "
                           f"downsampling factor {info.downsample}")
     latent_size = enc.resolution // info.downsample
-    bad = [s for s in enc.pyramid if not 1 <= s < latent_size]
-    if bad:
-        raise ConfigError(f"encode.pyramid={enc.pyramid}: sides {bad} are not coarser than the "
-                          f"{latent_size}x{latent_size} latent")
+    for name in ("pyramid", "image_pyramid"):
+        sides = getattr(enc, name)
+        bad = [s for s in sides if not 1 <= s < latent_size]
+        if bad:
+            raise ConfigError(f"encode.{name}={sides}: sides {bad} are not coarser than the "
+                              f"{latent_size}x{latent_size} latent")
+    _probe_image_scales(vae, enc.image_pyramid, info.downsample, info.latent_channels)
+    del vae
     source = {k: v for k, v in vars(cfg.source).items() if k in ("kind", "path", "split", "limit")}
     meta = latents.LatentDatasetMeta(
         vae=info.to_dict(), resolution=enc.resolution, latent_size=latent_size,
         latent_channels=info.latent_channels, scales=sorted(set(enc.pyramid)) + [latent_size],
+        image_scales=sorted(set(enc.image_pyramid)),
         dtype=enc.dtype, num_classes=len(classes), class_names=classes, flip=enc.flip,
         source=source, code_version=latents.code_version())
     _prepare_output(cfg, _job_record(meta, cfg, items))

@@ -10,7 +10,10 @@ A dataset is a directory (local or any pyarrow-filesystem URI) holding
 
 Columns: `key` (string, unique), `label` (int64), `mean`, `std` (the VAE posterior's raw moments,
 fixed-shape tensors (C, h, w)), `mean_flip`/`std_flip` when the horizontal flip was encoded too,
-and `mean_s{k}` (area-downsampled means, (C, k, k)) for coarser scales when asked. Storing the
+and `mean_s{k}` (area-downsampled means, (C, k, k)) for coarser scales when asked. For Table 3's
+"image" scale construction, `mean_img{k}`/`std_img{k}` (and `mean_flip_img{k}`/`std_flip_img{k}`)
+hold the moments of the image area-downsampled to k * (resolution // latent_size) pixels and
+encoded by the same VAE; `image_scales` in the metadata lists those k. Storing the
 moments rather than a sample lets training draw a fresh posterior sample each epoch (MAR's cache,
 kohya-ss/sd-scripts#1709), and `sample_latents` applies the VAE's normalisation.
 
@@ -43,6 +46,7 @@ class LatentDatasetMeta:
     latent_size: int = 0  # latent side = resolution // vae downsample
     latent_channels: int = 0
     scales: list[int] = field(default_factory=list)  # sides stored: coarser `mean_s{k}` + latent_size
+    image_scales: list[int] = field(default_factory=list)  # sides encoded from downsampled images
     dtype: str = "float32"
     count: int = 0  # images stored (rejects excluded)
     rejects: int = 0
@@ -233,6 +237,14 @@ def check_compatible(meta: LatentDatasetMeta, model_config, vae: dict | None = N
     if meta.num_classes > model_config.num_classes:
         raise ConfigError(f"num_classes: the dataset has {meta.num_classes} classes, more than "
                           f"model.num_classes={model_config.num_classes}")
+    if getattr(model_config, "scale_construction", "latent") == "image":
+        missing = [s for s in model_config.scales[:-1] if s not in meta.image_scales]
+        if missing:
+            raise ConfigError(
+                f"scale_construction: model.scale_construction='image' needs latents encoded from "
+                f"downsampled images for scales {missing}; the dataset holds them for "
+                f"{meta.image_scales or 'none'}. Re-encode with "
+                f"encode.image_pyramid={list(model_config.scales[:-1])}")
     if vae is not None:
         for key in ("sha256", "scaling_factor", "shift_factor"):
             if key in vae and vae[key] != meta.vae.get(key):
@@ -262,8 +274,9 @@ def sample_latents(mean, std, meta: LatentDatasetMeta, generator=None):
 class TorchLatentDataset:
     """A plain torch Dataset over a latent dataset, for one machine (holds it in memory).
 
-    Items: {"key", "label", "mean", "std"}; with `random_flip` and flipped moments stored, each
-    access returns the flipped pair half of the time (MAR's augmentation)."""
+    Items: {"key", "label", "mean", "std"} plus `mean_img{k}`/`std_img{k}` for the dataset's
+    image_scales; with `random_flip` and flipped moments stored, each access returns the flipped
+    moments (of every scale) half of the time (MAR's augmentation)."""
 
     def __init__(self, path: str, random_flip: bool = True):
         import numpy as np
@@ -281,8 +294,10 @@ class TorchLatentDataset:
             return torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0)
         self.keys = [k for t in tables for k in t["key"].to_pylist()]
         self.labels = torch.tensor([x for t in tables for x in t["label"].to_pylist()], dtype=torch.long)
-        names = ["mean", "std"] + (["mean_flip", "std_flip"] if self.meta.flip else [])
-        self.columns = {n: col(n) for n in names}
+        flips = ["", "_flip"] if self.meta.flip else [""]
+        tags = [""] + [f"_img{k}" for k in self.meta.image_scales]
+        self.columns = {f"{m}{f}{t}": col(f"{m}{f}{t}") for m in ("mean", "std") for f in flips for t in tags}
+        self._tags = tags
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -291,6 +306,8 @@ class TorchLatentDataset:
         import torch
         flip = self.random_flip and bool(torch.randint(2, ()).item())
         suffix = "_flip" if flip else ""
-        return {"key": self.keys[i], "label": self.labels[i],
-                "mean": self.columns["mean" + suffix][i].float(),
-                "std": self.columns["std" + suffix][i].float()}
+        item = {"key": self.keys[i], "label": self.labels[i]}
+        for m in ("mean", "std"):
+            for tag in self._tags:
+                item[m + tag] = self.columns[m + suffix + tag][i].float()
+        return item

@@ -141,14 +141,8 @@ def check_dataset(cfg: TrainJobConfig):
     """Read and check the dataset's metadata before anything starts (ConfigError when unfit)."""
     from pipelines.latents import check_compatible, read_metadata
 
-    if cfg.model.scale_construction == "image":
-        # The model takes image-derived per-scale maps (`scale_targets`), but `flowar encode` does
-        # not write them yet: refuse now rather than fail in the first step on every worker.
-        raise ConfigError("model.scale_construction='image' needs per-scale latents of downsampled "
-                          "images, which latent datasets do not hold yet; train it with the model "
-                          "API (FlowAR.loss(..., scale_targets=...)) or use 'latent'")
     meta = read_metadata(cfg.data.path)
-    check_compatible(meta, cfg.model)
+    check_compatible(meta, cfg.model)  # incl. image-derived scales for scale_construction=image
     return meta
 
 

@@ -9,14 +9,16 @@ is therefore just the optimizer step: step -> (epoch, index in epoch).
 
 Per batch, a fresh posterior sample z = mean + std * eps (normalised the dataset's way) and the
 optional flipped latents (50%) are drawn from a generator seeded by (seed, epoch, step, micro,
-rank), which is also what makes resumed runs bit-identical.
+rank), which is also what makes resumed runs bit-identical. With image scale construction (Table 3)
+every coarser scale's map is sampled the same way from its own image-derived moments, flipped
+together with the finest latent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,15 +46,24 @@ class LatentShard:
     std_flip: torch.Tensor | None
     rows_per_rank: list[int]  # every rank's share, so all agree on the epoch length
     total_rows: int
+    image: dict[str, torch.Tensor] = field(default_factory=dict)  # mean_img{k}, std_flip_img{k}, ...
 
     def steps_per_epoch(self, micro_batch: int, accum: int) -> int:
         """Equal on every rank (collectives must match): the smallest share sets the epoch."""
         return min(self.rows_per_rank) // (micro_batch * accum)
 
 
-def load_shard(batches, rank: int, world_size: int) -> LatentShard:
-    """Keep this rank's rows of an iterable of numpy batches (dict of column -> array)."""
+def image_columns(image_scales, flip: bool) -> list[str]:
+    """Columns of the image-derived moments of the given scales (see pipelines.latents)."""
+    flips = ("", "_flip") if flip else ("",)
+    return [f"{m}{f}_img{k}" for k in image_scales for m in ("mean", "std") for f in flips]
+
+
+def load_shard(batches, rank: int, world_size: int, image_scales=()) -> LatentShard:
+    """Keep this rank's rows of an iterable of numpy batches (dict of column -> array); with
+    `image_scales`, also those scales' image-derived moments."""
     counts = [0] * world_size
+    wanted: list[str] = []  # decided at the first batch, which shows whether flips are stored
     keep: dict[str, list] = {}
     for batch in batches:
         keys = [str(k) for k in batch["key"]]
@@ -63,7 +74,14 @@ def load_shard(batches, rank: int, world_size: int) -> LatentShard:
         if not len(mine):
             continue
         keep.setdefault("key", []).extend(keys[i] for i in mine)
-        for col in ("label", "mean", "std", "mean_flip", "std_flip"):
+        if not wanted:
+            wanted = ["label", "mean", "std", "mean_flip", "std_flip"]
+            wanted += image_columns(image_scales, "mean_flip" in batch)
+            absent = [c for c in wanted[5:] if c not in batch]
+            if absent:
+                raise ValueError(f"the latent dataset has no column(s) {absent}: it was not encoded "
+                                 f"with encode.image_pyramid covering scales {list(image_scales)}")
+        for col in wanted:
             if col in batch:
                 keep.setdefault(col, []).append(np.asarray(batch[col])[mine])
     if not keep:
@@ -77,20 +95,28 @@ def load_shard(batches, rank: int, world_size: int) -> LatentShard:
 
     return LatentShard(keys=[keep["key"][i] for i in order], labels=tensor("label", torch.long),
                        mean=tensor("mean"), std=tensor("std"), mean_flip=tensor("mean_flip"),
-                       std_flip=tensor("std_flip"), rows_per_rank=counts, total_rows=sum(counts))
+                       std_flip=tensor("std_flip"), rows_per_rank=counts, total_rows=sum(counts),
+                       image={c: tensor(c) for c in col if "_img" in c})
 
 
 class BatchSource:
-    """Batches of (normalised latents, labels) for (step, micro) on one rank."""
+    """Batches of (normalised latents, labels, scale targets) for (step, micro) on one rank.
+
+    Scale targets are None unless `image_scales` is given (model.scale_construction=image): then
+    they are the maps of those scales sampled from their image-derived moments, plus the latent."""
 
     def __init__(self, shard: LatentShard, meta, *, seed: int, rank: int, micro_batch: int,
-                 accum: int, flip_augment: bool):
+                 accum: int, flip_augment: bool, image_scales=()):
         from pipelines.latents import sample_latents
 
         self._sample = sample_latents
         self.shard, self.meta, self.seed, self.rank = shard, meta, seed, rank
         self.micro_batch, self.accum = micro_batch, accum
         self.flip = flip_augment and shard.mean_flip is not None
+        self.image_scales = tuple(image_scales)
+        missing = [c for c in image_columns(self.image_scales, self.flip) if c not in shard.image]
+        if missing:
+            raise ValueError(f"image scale construction needs the dataset columns {missing}")
         self.steps_per_epoch = shard.steps_per_epoch(micro_batch, accum)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -102,7 +128,7 @@ class BatchSource:
     def position(self, step: int) -> tuple[int, int]:
         return divmod(step, self.steps_per_epoch)
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, list | None]:
         epoch, index = self.position(step)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(seed_of("perm", self.seed, epoch, self.rank))
@@ -111,11 +137,22 @@ class BatchSource:
         start = (index * self.accum + micro) * self.micro_batch
         rows = self._perm[start:start + self.micro_batch]
         g = torch.Generator().manual_seed(seed_of("batch", self.seed, epoch, index, micro, self.rank))
-        mean, std = self.shard.mean[rows], self.shard.std[rows]
+        pick = None
         if self.flip:
             use = torch.rand(len(rows), generator=g) < 0.5
-            pick = use.view(-1, *([1] * (mean.ndim - 1)))
-            mean = torch.where(pick, self.shard.mean_flip[rows], mean)
-            std = torch.where(pick, self.shard.std_flip[rows], std)
-        z = self._sample(mean, std, self.meta, generator=g)
-        return z, self.shard.labels[rows]
+            pick = use.view(-1, 1, 1, 1)
+
+        def moments(mean, std, mean_flip, std_flip):
+            mean, std = mean[rows], std[rows]
+            if pick is not None:
+                mean = torch.where(pick, mean_flip[rows], mean)
+                std = torch.where(pick, std_flip[rows], std)
+            return mean, std
+        s = self.shard
+        z = self._sample(*moments(s.mean, s.std, s.mean_flip, s.std_flip), self.meta, generator=g)
+        if not self.image_scales:
+            return z, s.labels[rows], None
+        targets = [self._sample(*moments(*(s.image.get(f"{m}{f}_img{k}") for f in ("", "_flip")
+                                           for m in ("mean", "std"))), self.meta, generator=g)
+                   for k in self.image_scales]  # columns in moments' order: mean, std, flipped
+        return z, s.labels[rows], targets + [z]

@@ -32,8 +32,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, latents, labels):
-        total, per_scale = self.model.loss(latents, labels)
+    def forward(self, latents, labels, scale_targets=None):
+        total, per_scale = self.model.loss(latents, labels, scale_targets=scale_targets)
         return total, torch.stack([p.float() for p in per_scale])
 
 
@@ -121,10 +121,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     meta = read_metadata(job.data.path)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one read, no bar spam
+    # Table 3's image scale construction: the coarser scales come from their own dataset columns.
+    image_scales = job.model.scales[:-1] if job.model.scale_construction == "image" else ()
     shard = load_shard(ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=1024, batch_format="numpy"), rank, world)
+        batch_size=1024, batch_format="numpy"), rank, world, image_scales)
     source = BatchSource(shard, meta, seed=tc.seed, rank=rank, micro_batch=tc.micro_batch,
-                         accum=tc.grad_accum_steps, flip_augment=job.data.flip_augment)
+                         accum=tc.grad_accum_steps, flip_augment=job.data.flip_augment,
+                         image_scales=image_scales)
     t_data = time.perf_counter()
     total_steps = tc.max_steps or tc.epochs * source.steps_per_epoch
     warmup = tc.warmup_steps if tc.warmup_steps >= 0 else round(tc.warmup_epochs * source.steps_per_epoch)
@@ -178,8 +181,10 @@ def train_loop_per_worker(config: dict) -> None:
             group["lr"] = lr
         stats = torch.zeros(1 + len(job.model.scales), device=device)
         for micro in range(tc.grad_accum_steps):
-            latents, labels = source.batch(step, micro)
+            latents, labels, targets = source.batch(step, micro)
             latents, labels = latents.to(device, non_blocking=True), labels.to(device)
+            if targets is not None:
+                targets = [m.to(device, non_blocking=True) for m in targets]
             last = micro == tc.grad_accum_steps - 1
             if tc.strategy == "fsdp":
                 model.set_requires_gradient_sync(last)
@@ -187,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 sync = contextlib.nullcontext() if last else model.no_sync()
             with sync, autocast:
-                total, per_scale = step_fn(latents, labels)
+                total, per_scale = step_fn(latents, labels, targets)
             (total / tc.grad_accum_steps).backward()
             stats += torch.cat([total.detach().float()[None], per_scale.detach()]) / tc.grad_accum_steps
         dist.all_reduce(stats)  # sum; a NaN anywhere makes every rank's copy NaN

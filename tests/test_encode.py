@@ -63,7 +63,8 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
     _image_folder(tmp_path / "images")
     out = tmp_path / "latents"
     summary = run_encode(_config(tiny_vae, out, "source.kind=folder", f"source.path={tmp_path / 'images'}",
-                                 "encode.shard_size=4", "encode.pyramid=[1,2]"))
+                                 "encode.shard_size=4", "encode.pyramid=[1,2]",
+                                 "encode.image_pyramid=[2,4]"))
     assert (summary["images"], summary["rejects"], summary["dataset_count"]) == (7, 2, 7)
     assert summary["bytes"] > 0 and summary["images_per_s"] > 0
 
@@ -75,6 +76,7 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
     meta = read_metadata(str(out))
     assert meta.class_names == ["cat", "dog"] and meta.num_classes == 2 and meta.flip
     assert (meta.latent_size, meta.latent_channels, meta.scales) == (8, 4, [1, 2, 8])
+    assert meta.image_scales == [2, 4]
     assert meta.vae["sha256"] == load_vae(tiny_vae)[1].sha256 and meta.count == 7 and meta.rejects == 2
     import pyarrow.parquet as pq
     assert json.loads(pq.read_schema(out / "_common_metadata").metadata[b"flowar.latents"])["count"] == 7
@@ -93,6 +95,18 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
     torch.testing.assert_close(data[i]["mean"], mean[0], rtol=1e-4, atol=1e-4)
     mean_f, _ = encode_moments(vae, x.flip(3))
     torch.testing.assert_close(data.columns["mean_flip"][i], mean_f[0], rtol=1e-4, atol=1e-4)
+    # Table 3's image scale construction: scale k is the VAE latent of the image area-downsampled
+    # to k * 4 pixels (this VAE downsamples by 4), for the image and its flip.
+    for k in (2, 4):
+        small = torch.nn.functional.interpolate(x, size=(4 * k, 4 * k), mode="area")
+        mean_k, std_k = encode_moments(vae, small)
+        assert mean_k.shape == (1, 4, k, k)
+        torch.testing.assert_close(data[i]["mean_img%d" % k], mean_k[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(data[i]["std_img%d" % k], std_k[0], rtol=1e-4, atol=1e-4)
+        mean_kf, _ = encode_moments(vae, small.flip(3))
+        torch.testing.assert_close(data.columns[f"mean_flip_img{k}"][i], mean_kf[0], rtol=1e-4, atol=1e-4)
+    pooled = torch.nn.functional.interpolate(mean, size=(2, 2), mode="area")[0]
+    assert not torch.allclose(data[i]["mean_img2"], pooled, atol=1e-3)  # not the pooled latent
     # Training's sample: normalised, fresh noise each draw.
     a = sample_latents(data[i]["mean"], data[i]["std"], meta, torch.Generator().manual_seed(1))
     b = sample_latents(data[i]["mean"], data[i]["std"], meta, torch.Generator().manual_seed(2))
@@ -102,6 +116,7 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
 
     rows = ray_dataset(str(out)).take_all()
     assert len(rows) == 7 and rows[0]["mean"].shape == (4, 8, 8) and rows[0]["mean_s2"].shape == (4, 2, 2)
+    assert rows[0]["mean_img4"].shape == (4, 4, 4) and rows[0]["std_flip_img2"].shape == (4, 2, 2)
 
 
 def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
@@ -161,6 +176,23 @@ def test_mismatches_and_unknown_keys_refused(tmp_path, tiny_vae):
             check_compatible(meta, model)
     with pytest.raises(ConfigError, match="vae.sha256"):
         check_compatible(meta, ok, vae={"sha256": "b"})
+    # Image scale construction needs every coarser scale encoded from the downsampled image.
+    image = FlowARConfig(latent_channels=4, scales=(1, 2, 4, 8), num_classes=10, scale_construction="image")
+    meta.image_scales = [1, 2]
+    with pytest.raises(ConfigError, match=r"scales \[4\].*encode.image_pyramid=\[1, 2, 4\]"):
+        check_compatible(meta, image)
+    meta.image_scales = [1, 2, 4]
+    check_compatible(meta, image)
+    _image_folder(tmp_path / "images")
+    from pipelines.encode import run_encode
+    with pytest.raises(ConfigError, match=r"encode.image_pyramid=\[2, 8\]: sides \[8\]"):
+        run_encode(_config(tiny_vae, tmp_path / "never", "source.kind=folder",
+                           f"source.path={tmp_path / 'images'}", "encode.image_pyramid=[2,8]"))
+    # This VAE's GroupNorm has one channel per group: a 1x1 latent has one value to normalise.
+    with pytest.raises(ConfigError, match=r"cannot encode the 4x4 image of scale 1"):
+        run_encode(_config(tiny_vae, tmp_path / "never", "source.kind=folder",
+                           f"source.path={tmp_path / 'images'}", "encode.image_pyramid=[1,2]"))
+    assert not (tmp_path / "never").exists()
 
     # An output made with other settings is refused before any work, naming what differs.
     cfg = _config(tiny_vae, tmp_path / "out")

@@ -91,12 +91,15 @@ def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, t
         validate(sweep, base, [f"data.path={dataset}"])
 
 
-def test_shipped_table4_and_table6_sweeps_validate(tmp_path):
+def test_shipped_table3_table4_and_table6_sweeps_validate(tmp_path):
     from pipelines.sweep_config import load_sweep, validate
 
-    tiny = make_dataset(tmp_path / "fmnist", count=8, side=8)  # the quickstart's 4x8x8 latents
-    full = make_dataset(tmp_path / "in256", count=8, side=16, channels=16, num_classes=1000)
-    expected = {"table4-scales": ("model.scales", 3), "table6-injection": ("model.injection", 6)}
+    # the quickstart's 4x8x8 latents and ImageNet's 16x16x16, both with the image pyramid
+    tiny = make_dataset(tmp_path / "fmnist", count=8, side=8, image_scales=(1, 2, 4))
+    full = make_dataset(tmp_path / "in256", count=8, side=16, channels=16, num_classes=1000,
+                        image_scales=(1, 2, 4, 8))
+    expected = {"table3-scale-construction": ("model.scale_construction", 2),
+                "table4-scales": ("model.scales", 3), "table6-injection": ("model.injection", 6)}
     for name, (key, count) in expected.items():
         for suffix, data in (("", full), ("-tiny", tiny)):
             sweep, base = load_sweep(SWEEPS / f"{name}{suffix}.yaml")
@@ -109,6 +112,11 @@ def test_shipped_table4_and_table6_sweeps_validate(tmp_path):
         "channel_concat"]
     sweep, _ = load_sweep(SWEEPS / "table4-scales.yaml")
     assert sweep.search["model.scales"]["grid"] == [[1, 2, 4, 8, 16], [1, 4, 8, 16], [1, 4, 16]]
+    # Table 3's image arm needs the image pyramid in the dataset: refused before any trial.
+    sweep, base = load_sweep(SWEEPS / "table3-scale-construction-tiny.yaml")
+    plain = make_dataset(tmp_path / "plain", count=8, side=8)
+    with pytest.raises(ConfigError, match="image_pyramid"):
+        validate(sweep, base, [f"data.path={plain}"])
 
 
 # ------------------------------------------------------------------------- real sweeps

@@ -23,24 +23,35 @@ TINY = ROOT / "configs" / "train-tiny.yaml"
 
 
 def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
-                 num_classes: int = 10, flip: bool = True) -> Path:
+                 num_classes: int = 10, flip: bool = True, image_scales=(), std: float = 0.05) -> Path:
     """A finished latent dataset written with the encode job's own writer (pipelines.latents).
 
-    Means are a per-class pattern plus a little noise, so the model has something to learn."""
+    Means are a per-class pattern plus a little noise, so the model has something to learn.
+    The image-derived scale k (`image_scales`) is the latent area-pooled to k x k plus 1, a map
+    that pooling the latent alone would not give."""
     from pipelines.latents import LatentDatasetMeta, finalise, write_part
+
+    def pool(x, k):
+        return x.reshape(*x.shape[:-2], k, side // k, k, side // k).mean(axis=(-3, -1)) + 1.0
 
     rng = np.random.default_rng(0)
     labels = np.arange(count) % num_classes
     patterns = rng.normal(size=(num_classes, channels, side, side)).astype(np.float32)
     mean = patterns[labels] + 0.1 * rng.normal(size=(count, channels, side, side)).astype(np.float32)
-    std = np.full_like(mean, 0.05)
+    std = np.full_like(mean, std)
     columns = {"key": [f"img{i:05d}" for i in range(count)], "label": labels.astype(np.int64),
                "mean": mean, "std": std}
     if flip:
         columns.update(mean_flip=mean[..., ::-1].copy(), std_flip=std.copy())
+    for k in image_scales:
+        columns.update({f"mean_img{k}": pool(mean, k), f"std_img{k}": pool(std, k) - 1.0})
+        if flip:
+            columns.update({f"mean_flip_img{k}": pool(mean[..., ::-1], k),
+                            f"std_flip_img{k}": pool(std, k) - 1.0})
     meta = LatentDatasetMeta(vae={"id": "none/test-vae", "scaling_factor": 1.0, "shift_factor": 0.0},
                              resolution=side * 8, latent_size=side, latent_channels=channels,
-                             scales=[side], count=count, num_classes=num_classes, flip=flip)
+                             scales=[side], count=count, num_classes=num_classes, flip=flip,
+                             image_scales=list(image_scales))
     (path / "rejects").mkdir(parents=True)
     half = count // 2  # two part files, like a real encode with two shards
     for shard, (a, b) in enumerate([(0, half), (half, count)]):
@@ -158,11 +169,39 @@ def test_data_order_is_a_function_of_seed_epoch_step_and_rank(tmp_path):
         return BatchSource(shard, meta, seed=1, rank=0, micro_batch=4, accum=1, flip_augment=True)
     a, b = source(shards[0]), source(again)
     for step in (0, 1, a.steps_per_epoch + 1):
-        za, ya = a.batch(step, 0)
-        zb, yb = b.batch(step, 0)
+        za, ya, ta = a.batch(step, 0)
+        zb, yb, _ = b.batch(step, 0)
         torch.testing.assert_close(za, zb)
-        assert torch.equal(ya, yb)
+        assert torch.equal(ya, yb) and ta is None
     assert not torch.equal(a.batch(0, 0)[0], a.batch(a.steps_per_epoch, 0)[0])  # new epoch, new draw
+
+
+def test_image_scale_targets_come_from_their_columns_flipped_with_the_latent(tmp_path):
+    from pipelines.latents import TorchLatentDataset, read_metadata
+    from pipelines.train_data import BatchSource, load_shard
+
+    path = make_dataset(tmp_path / "d", count=32, image_scales=(1, 2), std=0.0)
+    meta = read_metadata(str(path))
+    data = TorchLatentDataset(str(path))
+    whole = {"key": np.array(data.keys), "label": data.labels.numpy(),
+             **{k: v.numpy() for k, v in data.columns.items()}}
+    shard = load_shard([whole], 0, 1, image_scales=(1, 2))
+    source = BatchSource(shard, meta, seed=3, rank=0, micro_batch=8, accum=1, flip_augment=True,
+                         image_scales=(1, 2))
+    flipped = 0
+    for step in range(4):
+        z, _, targets = source.batch(step, 0)
+        assert [tuple(t.shape) for t in targets] == [(8, 4, 1, 1), (8, 4, 2, 2), (8, 4, 4, 4)]
+        assert targets[-1] is z
+        for k, t in zip((1, 2), targets):  # the image map of the same (maybe flipped) image
+            pooled = torch.nn.functional.avg_pool2d(z, 4 // k) + 1.0
+            torch.testing.assert_close(t, pooled)
+        rows = [int(np.flatnonzero((data.columns["mean"].numpy() == z[i].numpy()).all(axis=(1, 2, 3)))
+                    .size == 0) for i in range(len(z))]
+        flipped += sum(rows)
+    assert 0 < flipped < 32  # both orientations were drawn
+    with pytest.raises(ValueError, match=r"mean_img4"):
+        load_shard([whole], 0, 1, image_scales=(1, 4))
 
 
 # ------------------------------------------------------------------------------------ no Ray needed
@@ -187,9 +226,9 @@ def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset
 def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path, mlflow_uri):
     from pipelines.train import run_training
 
-    with pytest.raises(ConfigError, match="scale_construction"):
-        run_training(job(make_dataset(tmp_path / "img", count=8), tmp_path, mlflow_uri,
-                         "model.scale_construction=image"))
+    with pytest.raises(ConfigError, match=r"scale_construction.*image_pyramid=\[1, 2\]"):
+        run_training(job(make_dataset(tmp_path / "img", count=8, image_scales=(1,)), tmp_path,
+                         mlflow_uri, "model.scale_construction=image"))
 
     other = make_dataset(tmp_path / "eight", count=8, side=8)  # 8x8 latents, model ends at 4
     cfg = job(other, tmp_path, mlflow_uri)
@@ -310,3 +349,22 @@ def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tm
     c, runs = mlflow_run(mlflow_uri, "nan")
     assert runs[0].info.status == "FAILED" and "lower train.base_lr" in runs[0].data.tags["stopped"]
     assert not list((tmp_path / "ray_results" / "nan").glob("checkpoint_*"))  # nothing saved after
+
+
+def test_image_scale_construction_trains_through_ray_train(tmp_path, ray_local, mlflow_uri):
+    """Table 3's "image" pyramid end to end: the workers read the image-derived columns."""
+    from flowar import FlowAR
+    from pipelines.latents import ray_dataset
+    from pipelines.train import run_training
+
+    path = make_dataset(tmp_path / "img", count=32, image_scales=(1, 2))
+    cfg = job(path, tmp_path, mlflow_uri, "mlflow.run_name=image", "model.scale_construction=image",
+              "train.max_steps=10", "train.checkpoint_every=10")
+    result = run_training(cfg, dataset=ray_dataset(str(path)).materialize())
+    assert result.metrics["step"] == 10 and math.isfinite(result.metrics["loss"])
+    c, runs = mlflow_run(mlflow_uri, "image")
+    assert runs[0].data.params["model.scale_construction"] == "image"
+    curve = losses(c, runs[0].info.run_id)
+    assert len(curve) == 2 and curve[-1] < curve[0], curve
+    model = FlowAR.from_pretrained(result.metrics["export_dir"])
+    assert model.config.scale_construction == "image"
