@@ -1,7 +1,5 @@
 """Every ablation switch of the paper (Tables 3-6) and the knobs the published code hides."""
 
-import itertools
-
 import pytest
 import torch
 
