@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flowar.config import ConfigError
     try:
+        if getattr(args, "print_config", False):
+            import yaml
+
+            from flowar.config import to_dict
+            print(yaml.safe_dump(to_dict(args.load_config(args)), sort_keys=False,
+                                 default_flow_style=None), end="")
+            return 0
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"flowar {args.command}: configuration error: {e}", file=sys.stderr)

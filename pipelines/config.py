@@ -20,7 +20,8 @@ import yaml
 from flowar.config import ConfigError, from_dict, to_dict
 
 __all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_overrides",
-           "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri"]
+           "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri",
+           "add_print_config"]
 
 
 def default_tracking_uri() -> str:
@@ -101,6 +102,14 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides=(), base: 
     else:
         data = apply_overrides(data, parse_overrides(list(overrides)))
     return from_dict(cls, data)
+
+
+def add_print_config(parser, load) -> None:
+    """Give a job's subcommand `--print-config`; `load(args)` returns its resolved config."""
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key: defaults, then the file, then "
+                             "the overrides) as YAML and exit without running anything")
+    parser.set_defaults(load_config=load)
 
 
 def flatten(obj, prefix: str = "") -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import Literal
 
 from flowar.config import ConfigError
 from pipelines import latents, storage
-from pipelines.config import RayConfig, load_config
+from pipelines.config import RayConfig, add_print_config, load_config
 from pipelines.sources import SourceConfig
 
 
@@ -303,3 +303,4 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML config (see configs/encode-*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encode.actors=2")
     p.set_defaults(func=main)
+    add_print_config(p, lambda a: load_config(EncodeConfig, a.config, a.overrides))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowar.config import ConfigError, SamplerConfig, to_dict
-from pipelines.config import MLflowConfig, RayConfig, load_config
+from pipelines.config import MLflowConfig, RayConfig, add_print_config, load_config
 
 
 @dataclass
@@ -273,13 +273,17 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampler.cfg=2.0 "
                    "generation.num_samples=10000 metrics.prc=true")
     p.set_defaults(func=_cli)
+    add_print_config(p, _load)
 
 
-def _cli(args) -> int:
+def _load(args) -> EvalConfig:
     overrides = list(args.overrides)
     path = args.config
     if path and "=" in path and not Path(path).is_file():  # only overrides were given
         overrides, path = [path] + overrides, None
-    cfg = load_config(EvalConfig, path, overrides)
-    main(cfg)
+    return load_config(EvalConfig, path, overrides)
+
+
+def _cli(args) -> int:
+    main(_load(args))
     return 0

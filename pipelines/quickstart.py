@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.config import load_config
+from pipelines.config import add_print_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -179,6 +179,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value, e.g. images=20000 train.train.max_steps=400")
     p.set_defaults(func=_cli)
+    add_print_config(p, lambda a: load_config(QuickstartConfig, None, a.overrides))
 
 
 def _cli(args) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from flowar.config import PRESETS, ConfigError, FlowARConfig, SamplerConfig, to_dict
-from pipelines.config import MLflowConfig, RayConfig, config_hash, load_config
+from pipelines.config import MLflowConfig, RayConfig, add_print_config, config_hash, load_config
 
 __all__ = ["DataConfig", "TrainConfig", "TrainJobConfig", "load_train_config", "run_training",
            "TrainingDiverged", "register"]
@@ -274,3 +274,4 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.max_steps=200 model.scales=[1,2,4]")
     p.set_defaults(func=_main)
+    add_print_config(p, lambda a: load_train_config(a.config, a.overrides))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from flowar.config import ConfigError
 from pipelines import storage
-from pipelines.config import MLflowConfig, RayConfig, load_config
+from pipelines.config import MLflowConfig, RayConfig, add_print_config, load_config
 from pipelines.sources import SourceConfig
 
 
@@ -266,4 +266,5 @@ def register(subparsers) -> None:
     t.add_argument("config", help="YAML config (see configs/vae-*.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200")
     t.set_defaults(func=main)
+    add_print_config(t, lambda a: load_config(VAETrainConfig, a.config, a.overrides))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

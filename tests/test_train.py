@@ -213,6 +213,25 @@ def test_unknown_config_key_is_refused(dataset, capsys):
     assert "train.learning_rate" in capsys.readouterr().err
 
 
+def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_path, capsys):
+    import yaml
+
+    from pipelines.cli import main
+    from pipelines.train import load_train_config
+
+    args = [str(TINY), f"data.path={dataset}", "model.scale_construction=image",
+            f"ray.storage_path={tmp_path / 'ray_results'}"]
+    assert main(["train", *args, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    data = yaml.safe_load(printed)
+    assert data["model"]["ar_width"] == 64  # from the preset, not the file
+    assert data["model"]["scale_construction"] == "image" and data["train"]["max_steps"] == 40
+    assert data["model"]["scales"] == [1, 2, 4] and "attn_dropout" in data["model"]  # defaults too
+    (tmp_path / "resolved.yaml").write_text(printed)  # the print is itself the same job's config
+    assert load_train_config(tmp_path / "resolved.yaml") == load_train_config(TINY, args[1:])
+    assert not (tmp_path / "ray_results").exists()
+
+
 def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset, tmp_path, mlflow_uri):
     from pipelines.train import run_training
 
