@@ -107,3 +107,21 @@ def test_published_loader_refuses_wrong_shapes_and_wrong_scales(v1):
     cfg["mystery"] = 1
     with pytest.raises(ConfigError, match="mystery"):
         load_published(v1["state_dict"], cfg)
+
+
+def test_prepared_gpu_check_runs_every_section_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py is what a session with a lent GPU runs: it must work before then."""
+    import importlib.util
+    import re
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "report.md"
+    text = gpu_check.main(["--device", "cpu", "--small", "--no-compile", "--golden", str(GOLDEN),
+                           "--out", str(out)])
+    assert out.read_text() == text and "Traceback" not in text, text
+    golden = re.findall(r"\| reference_v\d\S* \| (\S+) \| (\S+) \| (\S+) \|", text)
+    assert len(golden) == 2 and all(float(v) < 1e-4 for row in golden for v in row), golden
+    assert "| bf16 |" in text and "KV cache" in text and "grad checkpointing" in text

@@ -1,0 +1,193 @@
+"""One prepared script of GPU checks for the model library (flowar/ only: torch, einops, timm,
+safetensors), sized to finish in about 5 minutes on one H200 so a lent device's 15 minutes cover
+a run and a rerun.
+
+    python benchmarks/gpu_check.py --golden ../shared/golden --out gpu_check.md
+
+Sections (each one runs even when an earlier one fails; its error is reported in its place):
+  1. golden   the published-code reference vectors on the GPU in float32 (TF32 off): semantics,
+              per-scale losses and sampled tokens, largest absolute differences.
+  2. train    S preset, one optimizer step: fp32+TF32 vs bf16 autocast vs bf16 + torch.compile,
+              images/s side by side, peak memory, and how far bf16's loss is from fp32's.
+  3. generate S and L, CFG, 25 Euler steps, bf16: images/s with the KV cache and without it.
+  4. H        the 1.9B preset takes a bf16 step with gradient checkpointing: peak memory, s/step.
+
+On a CPU (`--device cpu --small --no-compile`) the same code runs on debug presets, so the script
+itself is tested here (tests/test_model.py) before a device is ever lent. On a lent H200 (its own
+python3 has torch, einops, timm and safetensors; copy ../shared/golden into an ignored folder of the
+checkout and name it in `carry`):
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --golden golden --out $OUT/gpu_check.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from flowar import FlowAR, SamplerConfig, load_published
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int = 3) -> float:
+    fn()  # warm-up: allocations, kernel selection, compilation
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def peak_gib(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "n/a"
+    gib = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return f"{gib:.1f}"
+
+
+def check_golden(golden: Path, device: str) -> list[str]:
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference was recorded in float32
+    torch.backends.cudnn.allow_tf32 = False
+    lines = ["| file | semantics max abs | per-scale loss max abs | tokens max abs |", "|---|---|---|---|"]
+    for name in ("reference_v1_spatial_adaln.pt", "reference_v2_cross_attn.pt"):
+        d = torch.load(golden / name, weights_only=True, map_location=device)
+        model = load_published(d["state_dict"], d["config"]).to(device).eval()
+        tr, s = d["train"], d["sample"]
+        with torch.no_grad():
+            sem = model.semantics(d["latents"], d["labels"])
+            _, per_scale = model.loss(d["latents"], d["labels"], t=tr["t"], noise=tr["noise"])
+            out = model.generate(d["labels"], s["num_steps"], s["cfg"], s["guidance_high"],
+                                 noise=s["noise_per_scale"])
+        diff = lambda a, b: f"{(a.float() - b.float()).abs().max().item():.2e}"
+        lines.append(f"| {name} | {diff(sem, tr['semantics'])} | "
+                     f"{diff(torch.stack(per_scale), tr['scale_loss'])} | {diff(out, s['tokens'])} |")
+    return lines
+
+
+def batch_for(model: FlowAR, n: int, device: str):
+    cfg = model.config
+    x = torch.randn(n, cfg.latent_channels, cfg.latent_size, cfg.latent_size, device=device)
+    return x, torch.randint(0, cfg.num_classes, (n,), device=device)
+
+
+def check_train(preset: str, batch: int, device: str, compile_too: bool = True) -> list[str]:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = FlowAR.from_preset(preset, attn_dropout=0.0, proj_dropout=0.0).to(device).train()
+    x, y = batch_for(model, batch, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    t = [torch.full((batch,), 0.5, device=device) for _ in model.config.scales]
+    noise = [torch.randn(batch, s * s, model.config.latent_channels, device=device)
+             for s in model.config.scales]
+    lines = ["| mode | s/step | images/s | vs fp32 | peak GiB | loss |", "|---|---|---|---|---|---|"]
+    base, loss_fp32 = None, None
+    for mode in ("fp32+tf32", "bf16", "bf16+compile")[:3 if compile_too else 2]:
+        fn = torch.compile(model.loss) if mode.endswith("compile") else model.loss
+        amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                             enabled=mode.startswith("bf16"))
+
+        def step():
+            with amp:
+                total, _ = fn(x, y, t=t, noise=noise)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            return total
+
+        with torch.no_grad(), amp:
+            loss = fn(x, y, t=t, noise=noise)[0].float().item()
+        loss_fp32 = loss if loss_fp32 is None else loss_fp32
+        seconds = timed(step, device)
+        base = base or seconds
+        lines.append(f"| {mode} | {seconds:.3f} | {batch / seconds:.1f} | {base / seconds:.2f}x | "
+                     f"{peak_gib(device)} | {loss:.5f} ({abs(loss - loss_fp32) / loss_fp32:.1e} rel) |")
+    return lines
+
+
+def check_generate(presets: list[str], batch: int, steps: int, device: str) -> list[str]:
+    lines = ["| preset | images/s, KV cache | images/s, recompute | speed-up | peak GiB |",
+             "|---|---|---|---|---|"]
+    for preset in presets:
+        torch.manual_seed(0)
+        model = FlowAR.from_preset(preset).to(device).eval()
+        y = torch.arange(batch, device=device) % model.config.num_classes
+        sampler = SamplerConfig(num_steps=steps, cfg=3.0, guidance_high=0.9)
+        amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+        def run(cache: bool):
+            with torch.no_grad(), amp:
+                return model.generate(y, sampler=sampler, kv_cache=cache)
+        cached = timed(lambda: run(True), device, repeats=2)
+        full = timed(lambda: run(False), device, repeats=1)
+        lines.append(f"| {preset} | {batch / cached:.1f} | {batch / full:.1f} | {full / cached:.2f}x | "
+                     f"{peak_gib(device)} |")
+        del model
+    return lines
+
+
+def check_large(preset: str, batch: int, device: str) -> list[str]:
+    model = FlowAR.from_preset(preset, grad_checkpointing=True).to(device).train()
+    x, y = batch_for(model, batch, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.startswith("cuda"))
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            total, _ = model.loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    seconds = timed(step, device, repeats=2)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return [f"{preset}: {params:,.1f}M parameters, batch {batch}, bf16 + grad checkpointing + AdamW: "
+            f"{seconds:.2f} s/step, peak {peak_gib(device)} GiB"]
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--golden", default="../shared/golden", help="folder of the reference vectors")
+    p.add_argument("--small", action="store_true", help="debug presets and batches (a CPU self-test)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile (on a 2-core CPU its compilation alone takes minutes)")
+    p.add_argument("--out", default="", help="also write the report (Markdown) here")
+    a = p.parse_args(argv)
+    small = a.small
+    name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    report = [f"# flowar GPU check: {name}, torch {torch.__version__}", ""]
+    sections = [
+        ("golden (float32, TF32 off)", lambda: check_golden(Path(a.golden), a.device)),
+        ("train step, S" if not small else "train step, tiny",
+         lambda: check_train("tiny" if small else "S", 4 if small else 64, a.device, not a.no_compile)),
+        ("generation, CFG, 25 steps, bf16",
+         lambda: check_generate(["tiny"] if small else ["S", "L"], 4 if small else 64,
+                                4 if small else 25, a.device)),
+        ("largest preset", lambda: check_large("small-cpu" if small else "H", 2 if small else 8, a.device)),
+    ]
+    for title, fn in sections:
+        block = [f"## {title}", ""]
+        start = time.perf_counter()
+        try:
+            block += fn()
+        except Exception:  # report and go on: one broken section must not cost the others
+            block += ["```", traceback.format_exc().strip()[-2000:], "```"]
+        block += ["", f"({time.perf_counter() - start:.0f} s)", ""]
+        print("\n".join(block), flush=True)
+        report += block
+    text = "\n".join(report)
+    if a.out:
+        Path(a.out).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
