@@ -12,6 +12,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "FlowAR": "flowar.model", "load_published": "flowar.published",
+    "read_published_file": "flowar.published",
     "FlowARConfig": "flowar.config", "SamplerConfig": "flowar.config",
     "ConfigError": "flowar.config", "preset_config": "flowar.config",
 }

@@ -48,6 +48,60 @@ KNOWN_ARGS = {"img_size", "vae_stride", "patch_size", "encoder_embed_dim", "enco
               "grad_checkpointing", "use_checkpoint"}
 
 
+# The released models' constructor arguments (flowar.py's flowar_small/large/huge with the README's
+# flow sizes) and their published sampling settings (README / eval.sh).
+PUBLISHED_CONFIGS = {
+    "S": dict(encoder_embed_dim=768, decoder_embed_dim=768, encoder_depth=6, decoder_depth=6,
+              encoder_num_heads=12, decoder_num_heads=12, diffloss_d=2, diffloss_w=1024, cross=False),
+    "L": dict(encoder_embed_dim=1024, decoder_embed_dim=1024, encoder_depth=8, decoder_depth=8,
+              encoder_num_heads=16, decoder_num_heads=16, diffloss_d=12, diffloss_w=1024, cross=True),
+    "H": dict(encoder_embed_dim=1536, decoder_embed_dim=1536, encoder_depth=15, decoder_depth=15,
+              encoder_num_heads=16, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536, cross=True,
+              use_checkpoint=True),
+}
+PUBLISHED_SAMPLERS = {
+    "S": dict(num_steps=25, cfg=4.3, guidance_high=0.9),
+    "L": dict(num_steps=25, cfg=2.4, guidance_high=0.9),
+    "H": dict(num_steps=50, cfg=2.4, guidance_high=0.7),
+}
+
+
+def read_published_file(path, entry: str = "auto") -> dict:
+    """The state dict in a published file: a released raw state dict (FlowAR-S/L/H.pth), or a
+    training checkpoint of the published code, whose `entry` ("auto": model_ema, else model) is
+    used. Loaded with weights_only=True; the training checkpoints' pickled argparse `args` is
+    the one class allowed besides tensors (it is read, never used)."""
+    import argparse
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"published checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            blob = load_file(str(path))
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or pickled code: say which file
+        raise ConfigError(f"published checkpoint {str(path)!r} cannot be read safely: "
+                          f"{type(e).__name__}: {str(e)[:300]}") from None
+    if not isinstance(blob, dict):
+        raise ConfigError(f"published checkpoint {str(path)!r} holds a {type(blob).__name__}, not a state dict")
+    if all(isinstance(v, torch.Tensor) for v in blob.values()):
+        if entry not in ("auto", ""):
+            raise ConfigError(f"published checkpoint {str(path)!r} is a raw state dict: it has no "
+                              f"entry {entry!r}")
+        return blob
+    choice = entry if entry not in ("auto", "") else next(
+        (k for k in ("model_ema", "model") if isinstance(blob.get(k), dict)), None)
+    if choice is None or not isinstance(blob.get(choice), dict):
+        raise ConfigError(f"published checkpoint {str(path)!r}: no state dict under "
+                          f"{choice or 'model_ema or model'!r}; entries: {sorted(blob)}")
+    return blob[choice]
+
+
 def published_config(config: dict | str) -> FlowARConfig:
     """Our FlowARConfig for the published constructor's keyword arguments."""
     args = json.loads(config) if isinstance(config, str) else dict(config)

@@ -16,6 +16,7 @@ JOB_MODULES = [
     "pipelines.vae_train",   # flowar vae train
     "pipelines.encode",      # flowar encode
     "pipelines.train",       # flowar train
+    "pipelines.import_published",  # flowar import: released FlowAR-S/L/H -> a model folder
     "pipelines.sample",      # flowar sample
     "pipelines.evaluate",    # flowar evaluate
     "pipelines.sweep",       # flowar sweep
@@ -50,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options too (`flowar sample DIR --classes 1 sampler.cfg=2`):
+    # argparse leaves those over, so they are appended to the job's overrides here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -211,6 +211,12 @@ def test_unknown_config_key_is_refused(dataset, capsys):
 
     assert main(["train", str(TINY), f"data.path={dataset}", "train.learning_rate=1"]) == 2
     assert "train.learning_rate" in capsys.readouterr().err
+    # overrides after an option still count as overrides; an unknown flag is an argparse error
+    assert main(["train", str(TINY), "--print-config", f"data.path={dataset}", "train.max_steps=7"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", str(TINY), "--max-steps", "7"])
+    assert "unrecognized arguments: --max-steps 7" in capsys.readouterr().err
 
 
 def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_path, capsys):

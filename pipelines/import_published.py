@@ -1,0 +1,122 @@
+"""`flowar import`: a released FlowAR checkpoint -> a flowar model folder that `flowar sample` and
+`flowar evaluate` take like any training export.
+
+    flowar import FlowAR-S.pth --model S --vae /models/kl16.ckpt --out ./flowar-S
+    flowar evaluate configs/eval-imagenet256-adm.yaml generation.checkpoint=./flowar-S \\
+        reference.source=/data/adm_in256_stats.npz
+
+The released files are raw state dicts of the published code; its training checkpoints hold
+`model_ema` and `model` (the EMA is used unless --entry says otherwise). Every tensor is renamed and
+used exactly once (flowar.load_published). The VAE is checked against the model (latent channels,
+and latent size = image size / VAE downsampling), then named with its weights' hash in the
+folder's latents.json, so sampling decodes with exactly that VAE and its normalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from flowar.config import ConfigError
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _published_args(model: str, published_config: str) -> dict:
+    from flowar.published import PUBLISHED_CONFIGS
+
+    if bool(model) == bool(published_config):
+        raise ConfigError("give exactly one of --model (S, L or H) and --published-config")
+    if model:
+        if model not in PUBLISHED_CONFIGS:
+            raise ConfigError(f"--model {model!r}: released models are {', '.join(PUBLISHED_CONFIGS)}")
+        return dict(PUBLISHED_CONFIGS[model])
+    is_json = published_config.lstrip().startswith(("{", '"'))
+    text = published_config if is_json else Path(published_config).expanduser().read_text()
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--published-config: neither a file nor JSON ({e})") from None
+    if isinstance(args, str):  # the golden files store the JSON as a string
+        args = json.loads(args)
+    return args
+
+
+def import_published(checkpoint: str, out: str, vae: str, model: str = "", published_config: str = "",
+                     entry: str = "auto", overwrite: bool = False) -> dict:
+    """Convert, check and write; returns a summary."""
+    from flowar import load_published, read_published_file
+    from flowar.published import PUBLISHED_SAMPLERS
+    from flowar.vae import load_vae
+    from pipelines.latents import LatentDatasetMeta, code_version
+
+    args = _published_args(model, published_config)
+    out_dir = Path(out).expanduser()
+    if (out_dir / "config.json").exists() and not overwrite:
+        raise ConfigError(f"--out {out}: already holds a model; pass --overwrite or choose another folder")
+    vae_path = Path(vae).expanduser()
+    spec = str(vae_path.resolve()) if vae_path.exists() else vae  # a path stays valid from any cwd
+    try:
+        _, info = load_vae(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--vae {vae!r}: {e}") from None
+    flowar_model = load_published(read_published_file(checkpoint, entry), args)
+    cfg = flowar_model.config
+    resolution = int(args.get("img_size", 256))
+    if info.latent_channels != cfg.latent_channels:
+        raise ConfigError(f"--vae {vae!r} makes {info.latent_channels}-channel latents; the model "
+                          f"takes {cfg.latent_channels} (the published models use MAR's KL-16)")
+    if resolution // info.downsample != cfg.latent_size:
+        raise ConfigError(f"--vae {vae!r} downsamples by {info.downsample}: {resolution} px images give "
+                          f"{resolution // info.downsample}x{resolution // info.downsample} latents, the "
+                          f"model's finest scale is {cfg.latent_size}")
+
+    source = {"kind": "published", "checkpoint": str(Path(checkpoint).resolve()),
+              "sha256": _file_sha256(Path(checkpoint)), "entry": entry}
+    sampler = PUBLISHED_SAMPLERS.get(model, {})
+    flowar_model.save_pretrained(out_dir, extra={"imported": {**source, "published_config": args,
+                                                              "published_sampler": sampler}})
+    meta = LatentDatasetMeta(vae=info.to_dict(), resolution=resolution, latent_size=cfg.latent_size,
+                             latent_channels=cfg.latent_channels, scales=[cfg.latent_size],
+                             num_classes=cfg.num_classes, source=source, code_version=code_version())
+    (out_dir / "latents.json").write_text(meta.to_json())
+    params = sum(p.numel() for p in flowar_model.parameters())
+    return {"out": str(out_dir), "parameters": params, "vae": spec, "sampler": sampler}
+
+
+def _cli(a) -> int:
+    summary = import_published(a.checkpoint, a.out, a.vae, a.model, a.published_config, a.entry,
+                               a.overwrite)
+    flags = " ".join(f"sampler.{k}={v}" for k, v in summary["sampler"].items())
+    print(f"flowar import: {summary['parameters']:,} parameters -> {summary['out']}\n"
+          f"  samples:    flowar sample {summary['out']} --classes 207,360,387 {flags}\n"
+          f"  evaluation: flowar evaluate configs/eval-imagenet256-adm.yaml "
+          f"generation.checkpoint={summary['out']} {flags} reference.source=<adm_in256_stats.npz>",
+          file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "import", help="a released FlowAR-S/L/H checkpoint -> a model folder for sample/evaluate",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="FlowAR-S/L/H.pth (raw state dict) or a published training checkpoint")
+    p.add_argument("--model", default="", help="S, L or H: the released model's constructor arguments")
+    p.add_argument("--published-config", default="",
+                   help="instead of --model: the published constructor's keyword arguments (JSON or a file)")
+    p.add_argument("--vae", required=True,
+                   help="the VAE of the model's latents: MAR's kl16.ckpt, a diffusers folder or a hub id")
+    p.add_argument("--out", required=True, help="model folder to write (config.json, model.safetensors, latents.json)")
+    p.add_argument("--entry", default="auto",
+                   help="training checkpoints only: which state dict to use (auto = model_ema, else model)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=_cli)
