@@ -317,6 +317,8 @@ def _to_plain(sweep) -> dict:
 def _main(args) -> int:
     summary = run_sweep(args.sweep, args.overrides, resume=args.resume)
     print(summary["table"])
+    if summary["caveat"]:
+        print(f"note: {summary['caveat']}")
     print(f"flowar sweep: {summary['counts']}; best {summary['metric']} "
           f"{summary['best_value']} ({summary['best_trial']}); best config: "
           f"{summary['best_config']}; summary: {summary['dir']}")

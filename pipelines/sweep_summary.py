@@ -18,6 +18,19 @@ from pathlib import Path
 __all__ = ["summarise", "trial_rows", "markdown_table"]
 
 TUNE_STATUS = {"TERMINATED": "COMPLETED", "ERROR": "FAILED"}
+# Axes whose values change what the training loss measures (its targets, or their weights): a
+# "best loss" across them means nothing, so the summary says so and points at each trial's export.
+LOSS_CHANGING_KEYS = ("model.objective", "model.scale_construction", "model.loss_weighting",
+                      "model.time_sampling", "model.scales")
+
+
+def loss_caveat(axes, metric: str) -> str:
+    keys = [a.key for a in axes if a.key in LOSS_CHANGING_KEYS]
+    if metric != "loss" or not keys:
+        return ""
+    return (f"The training loss is not comparable across values of {', '.join(keys)} (the targets "
+            "or their weights differ), so the best trial by loss is not the best model: evaluate "
+            "each trial's export (export_dir in trials.csv) with flowar evaluate.")
 
 
 def _show(value) -> str:
@@ -42,7 +55,8 @@ def trial_rows(results, axes, metric: str, children: dict) -> list[dict]:
                      **{a.key: trial.config.get(a.key) for a in axes},
                      metric: float(value) if isinstance(value, (int, float)) else float("nan"),
                      "step": last.get("step", ""), "status": status,
-                     "run_id": run.info.run_id if run else ""})
+                     "run_id": run.info.run_id if run else "",
+                     "export_dir": last.get("export_dir", "")})
     return rows
 
 
@@ -116,10 +130,11 @@ def summarise(results, sweep, axes, base, cli_overrides, uri: str, parent_id: st
     out = Path(exp_dir) / "summary" if not is_uri(exp_dir) else Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns + ["run_id"], extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns + ["run_id", "export_dir"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: _show(v) for k, v in r.items()} for r in rows)
-    (out / "trials.md").write_text(table + "\n")
+    caveat = loss_caveat(axes, metric)
+    (out / "trials.md").write_text(table + "\n" + (f"\n{caveat}\n" if caveat else ""))
     _plot(rows, axes, metric, out / f"{metric}_per_axis.png")
     best_config = ""
     if best is not None:
@@ -138,6 +153,8 @@ def summarise(results, sweep, axes, base, cli_overrides, uri: str, parent_id: st
         c.log_metric(parent_id, f"best_{metric}", best[metric])
         c.set_tag(parent_id, "best_trial", best["trial_id"])
         c.set_tag(parent_id, "best_run_id", best["run_id"])
-    return {"rows": rows, "table": table, "metric": metric, "dir": str(out),
+    if caveat:
+        c.set_tag(parent_id, "caveat", caveat)
+    return {"rows": rows, "table": table, "metric": metric, "dir": str(out), "caveat": caveat,
             "best_trial": best["trial_id"] if best else "", "best_value": best[metric] if best else None,
             "best_config": best_config, "counts": counts}

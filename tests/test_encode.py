@@ -126,7 +126,7 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     from pipelines.latents import TorchLatentDataset, list_parts, read_metadata
     from pipelines.sources import FASHION_MNIST_DIR, _idx
     out = tmp_path / "fm"
-    overrides = ["source.kind=fashion-mnist", "source.limit=480", "encode.shard_size=40",
+    overrides = ["source.kind=fashion-mnist", "source.limit=960", "encode.shard_size=40",
                  "encode.batch_size=20", "encode.flip=false"]
     script = (f"import ray, sys; sys.path.insert(0, {str(ROOT)!r}); "
               f"ray.init(address={ray_local.get_runtime_context().gcs_address!r}, log_to_driver=False); "
@@ -137,26 +137,27 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if sum(len(v) for v in list_parts(str(out)).values()) >= 3:
+        if sum(len(v) for v in list_parts(str(out)).values()) >= 2:
             break
         time.sleep(0.1)
     assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {p: os.stat(p).st_mtime_ns for ranges in list_parts(str(out)).values() for _, _, p in ranges}
-    assert 3 <= len(before) < 12, "kill half-way: some parts written, not all"
+    # 24 shards: a loaded machine may write several between two polls, but not all of them
+    assert 2 <= len(before) < 24, "kill half-way: some parts written, not all"
     assert not (out / "metadata.json").exists()
 
     summary = run_encode(_config(tiny_vae, out, *overrides))
-    assert summary["shards_skipped"] >= 3 and summary["shards_done"] == 12 - summary["shards_skipped"]
+    assert summary["shards_skipped"] >= 2 and summary["shards_done"] == 24 - summary["shards_skipped"]
     for path, mtime in before.items():  # the killed run's parts are kept, not redone
         assert os.stat(path).st_mtime_ns == mtime
     data = TorchLatentDataset(str(out))
-    assert sorted(data.keys) == [f"fashion-mnist/train/{i:05d}" for i in range(480)]  # no dups, no gaps
-    labels = _idx(f"{FASHION_MNIST_DIR}/train-labels-idx1-ubyte.gz", 8)[:480]
+    assert sorted(data.keys) == [f"fashion-mnist/train/{i:05d}" for i in range(960)]  # no dups, no gaps
+    labels = _idx(f"{FASHION_MNIST_DIR}/train-labels-idx1-ubyte.gz", 8)[:960]
     assert [int(labels[int(k[-5:])]) for k in data.keys] == data.labels.tolist()
     meta = read_metadata(str(out))
-    assert meta.count == 480 and meta.class_names[9] == "Ankle boot" and meta.source["kind"] == "fashion-mnist"
+    assert meta.count == 960 and meta.class_names[9] == "Ankle boot" and meta.source["kind"] == "fashion-mnist"
     assert not [p for p in out.rglob(".tmp-*")]
 
 

@@ -91,20 +91,22 @@ def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, t
         validate(sweep, base, [f"data.path={dataset}"])
 
 
-def test_shipped_table3_table4_and_table6_sweeps_validate(tmp_path):
+def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
     from pipelines.sweep_config import load_sweep, validate
 
     # the quickstart's 4x8x8 latents and ImageNet's 16x16x16, both with the image pyramid
     tiny = make_dataset(tmp_path / "fmnist", count=8, side=8, image_scales=(1, 2, 4))
     full = make_dataset(tmp_path / "in256", count=8, side=16, channels=16, num_classes=1000,
                         image_scales=(1, 2, 4, 8))
-    expected = {"table3-scale-construction": ("model.scale_construction", 2),
-                "table4-scales": ("model.scales", 3), "table6-injection": ("model.injection", 6)}
-    for name, (key, count) in expected.items():
+    expected = {"table3-scale-construction": [("model.scale_construction", 2)],
+                "table4-scales": [("model.scales", 3)],
+                "table5-head-objective": [("model.head", 2), ("model.objective", 2)],
+                "table6-injection": [("model.injection", 6)]}
+    for name, axes_expected in expected.items():
         for suffix, data in (("", full), ("-tiny", tiny)):
             sweep, base = load_sweep(SWEEPS / f"{name}{suffix}.yaml")
             axes, cfg = validate(sweep, base, [f"data.path={data}"])
-            assert [(a.key, len(a.values)) for a in axes] == [(key, count)], name + suffix
+            assert [(a.key, len(a.values)) for a in axes] == axes_expected, name + suffix
             assert sweep.name == name + suffix
     sweep, _ = load_sweep(SWEEPS / "table6-injection.yaml")
     assert sweep.search["model.injection"]["grid"] == [
@@ -112,6 +114,14 @@ def test_shipped_table3_table4_and_table6_sweeps_validate(tmp_path):
         "channel_concat"]
     sweep, _ = load_sweep(SWEEPS / "table4-scales.yaml")
     assert sweep.search["model.scales"]["grid"] == [[1, 2, 4, 8, 16], [1, 4, 8, 16], [1, 4, 16]]
+    # Where the axes change what the loss measures, the summary says "best by loss" means nothing.
+    from pipelines.sweep_summary import loss_caveat
+    for name, caveat in (("table3-scale-construction", "model.scale_construction"),
+                         ("table5-head-objective", "model.objective"), ("table6-injection", "")):
+        sweep, base = load_sweep(SWEEPS / f"{name}-tiny.yaml")
+        axes, _ = validate(sweep, base, [f"data.path={tiny}"])
+        text = loss_caveat(axes, sweep.metric)
+        assert (caveat in text) if caveat else text == "", name
     # Table 3's image arm needs the image pyramid in the dataset: refused before any trial.
     sweep, base = load_sweep(SWEEPS / "table3-scale-construction-tiny.yaml")
     plain = make_dataset(tmp_path / "plain", count=8, side=8)
@@ -176,6 +186,9 @@ def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
             "summary/best_config.yaml"} <= logged
     assert "| trial_id | train.base_lr | model.injection | loss | step | status |" \
         in summary["table"]
+    assert summary["caveat"] == ""  # injection and lr leave the loss comparable
+    completed = [r for r in good if r["status"] == "COMPLETED"]
+    assert all((Path(r["export_dir"]) / "model.safetensors").is_file() for r in completed)
     assert c.get_metric_history(parent.info.run_id, "trials_stopped_early")[0].value >= 1
 
 
