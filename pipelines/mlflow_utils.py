@@ -130,6 +130,15 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+def fail_run_if_running(c, run_id: str) -> bool:
+    """Mark a run FAILED unless something already ended it (a sweep driver closes the runs of
+    trials Tune stopped; a stopped trial's own late error must not overwrite that)."""
+    if c.get_run(run_id).info.status != "RUNNING":
+        return False
+    c.set_terminated(run_id, status="FAILED")
+    return True
+
+
 def git_commit() -> str:
     """The commit of the code being run (unknown outside a git checkout)."""
     root = Path(__file__).resolve().parents[1]

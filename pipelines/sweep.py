@@ -47,7 +47,7 @@ def run_trial(params: dict, ctx: dict) -> None:
 
     from pipelines import mlflow_utils
     from pipelines.sweep_config import SweepConfig, build_trial_config
-    from pipelines.train import run_training
+    from pipelines.train import run_training, tune_is_stopping_this_trial
     from flowar.config import from_dict
 
     sweep = from_dict(SweepConfig, ctx["sweep"])
@@ -73,20 +73,10 @@ def run_trial(params: dict, ctx: dict) -> None:
     try:
         run_training(cfg, **kwargs)
     except Exception as e:
-        if not _stopping():  # a trial Tune stops (ASHA) is closed by the driver, not failed
+        if not tune_is_stopping_this_trial():  # a trial Tune stops (ASHA) is closed by the driver
             _record_failure(client, run_id, f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
     client.set_tag(run_id, "trial_status", "COMPLETED")
-
-
-def _stopping() -> bool:
-    """Whether Tune is stopping this trial (its fit() then raises as the controller goes away)."""
-    try:
-        from ray.train._internal.session import get_session
-
-        return get_session().stop_event.is_set()
-    except Exception:
-        return False
 
 
 def close_stopped_child(client, run, last_result: dict) -> str:
@@ -107,6 +97,9 @@ def close_stopped_child(client, run, last_result: dict) -> str:
 
 
 def _record_failure(client, run_id: str, message: str, details: str) -> None:
+    status = client.get_run(run_id).info.status
+    if status == "FINISHED":  # the driver closed it already: a trial Tune stopped, not a failure
+        return
     client.set_tag(run_id, "trial_status", "FAILED")
     client.set_tag(run_id, "error", message[:5000])
     client.log_text(run_id, details, "error.txt")

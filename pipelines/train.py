@@ -219,7 +219,10 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     try:
         result = trainer.fit()
     except Exception:
-        mlflow_utils.end_run(uri, run_id, "FAILED")
+        # A sweep trial that Tune stops (ASHA) lands here too, possibly after the sweep driver
+        # has closed its run as FINISHED: only a real failure may mark the run FAILED.
+        if not tune_is_stopping_this_trial():
+            mlflow_utils.fail_run_if_running(mlflow_utils.client(uri), run_id)
         raise
     # Rank 0 tags the run "stopped" on NaN/inf; the tag (not result.metrics, which Ray fills
     # only from reports that carry a checkpoint) tells the driver that training diverged.
@@ -229,6 +232,17 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
         raise TrainingDiverged(stopped or "the loss became NaN or inf")
     mlflow_utils.end_run(uri, run_id, "FINISHED")
     return result
+
+
+def tune_is_stopping_this_trial() -> bool:
+    """True inside a Ray Tune trial that Tune is stopping (its fit() then raises as the
+    controller goes away); False outside Tune."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return get_session().stop_event.is_set()
+    except Exception:
+        return False
 
 
 def _meta_dict(meta) -> dict:
