@@ -89,18 +89,18 @@ class LatentWriter:
         enc = self.cfg["encode"]
         dtype = getattr(torch, self.meta.dtype)
         downsample = self.meta.resolution // self.meta.latent_size
+        sides = [None, *self.meta.image_scales]  # None: the full-size image -> the latent
         out: dict[str, list] = {}
         for s in range(0, len(images), enc["batch_size"]):
             x = torch.from_numpy(images[s:s + enc["batch_size"]].copy()).permute(0, 3, 1, 2)
             x = x.float().div(127.5).sub(1.0)
-            views = [("", x)] + ([("_flip", x.flip(3))] if self.meta.flip else [])
-            for suffix, view in views:
-                sizes = [("", None)] + [(f"_img{k}", k) for k in self.meta.image_scales]
-                for tag, side in sizes:
+            views = [(False, x)] + ([(True, x.flip(3))] if self.meta.flip else [])
+            for flip, view in views:
+                for side in sides:
                     small = view if side is None else image_at_scale(view, side, downsample)
                     mean, std = encode_moments(self.vae, small)
-                    out.setdefault(f"mean{suffix}{tag}", []).append(mean.cpu())
-                    out.setdefault(f"std{suffix}{tag}", []).append(std.cpu())
+                    out.setdefault(latents.moment_column("mean", flip, side), []).append(mean.cpu())
+                    out.setdefault(latents.moment_column("std", flip, side), []).append(std.cpu())
         cols = {k: torch.cat(v) for k, v in out.items()}
         for side in self.meta.scales[:-1]:  # coarser pyramid levels of the mean, area-downsampled
             cols[f"mean_s{side}"] = F.interpolate(cols["mean"], size=(side, side), mode="area")

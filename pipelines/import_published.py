@@ -15,20 +15,11 @@ folder's latents.json, so sampling decodes with exactly that VAE and its normali
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 from flowar.config import ConfigError
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _published_args(model: str, published_config: str) -> dict:
@@ -56,7 +47,7 @@ def import_published(checkpoint: str, out: str, vae: str, model: str = "", publi
     """Convert, check and write; returns a summary."""
     from flowar import load_published, read_published_file
     from flowar.published import PUBLISHED_SAMPLERS
-    from flowar.vae import load_vae
+    from flowar.vae import load_vae, weights_sha256
     from pipelines.latents import LatentDatasetMeta, code_version
 
     args = _published_args(model, published_config)
@@ -81,7 +72,7 @@ def import_published(checkpoint: str, out: str, vae: str, model: str = "", publi
                           f"model's finest scale is {cfg.latent_size}")
 
     source = {"kind": "published", "checkpoint": str(Path(checkpoint).resolve()),
-              "sha256": _file_sha256(Path(checkpoint)), "entry": entry}
+              "sha256": weights_sha256(flowar_model), "entry": entry}  # of the weights, in memory
     sampler = PUBLISHED_SAMPLERS.get(model, {})
     flowar_model.save_pretrained(out_dir, extra={"imported": {**source, "published_config": args,
                                                               "published_sampler": sampler}})

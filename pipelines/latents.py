@@ -74,6 +74,17 @@ class LatentDatasetMeta:
         return meta
 
 
+def moment_column(moment: str, flip: bool = False, image_side: int | None = None) -> str:
+    """The one spelling of a moment column: mean, std_flip, mean_img4, std_flip_img2, ..."""
+    return f"{moment}{'_flip' if flip else ''}{'' if image_side is None else f'_img{image_side}'}"
+
+
+def image_columns(image_sides, flip: bool) -> list[str]:
+    """Columns of the image-derived moments of the given sides (and their flips)."""
+    return [moment_column(m, f, k) for k in image_sides for m in ("mean", "std")
+            for f in ((False, True) if flip else (False,))]
+
+
 def code_version() -> str:
     """`flowar <version>+g<commit>` when run from a git checkout, so a dataset names its maker."""
     from importlib.metadata import PackageNotFoundError, version
@@ -294,10 +305,10 @@ class TorchLatentDataset:
             return torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0)
         self.keys = [k for t in tables for k in t["key"].to_pylist()]
         self.labels = torch.tensor([x for t in tables for x in t["label"].to_pylist()], dtype=torch.long)
-        flips = ["", "_flip"] if self.meta.flip else [""]
-        tags = [""] + [f"_img{k}" for k in self.meta.image_scales]
-        self.columns = {f"{m}{f}{t}": col(f"{m}{f}{t}") for m in ("mean", "std") for f in flips for t in tags}
-        self._tags = tags
+        flips = (False, True) if self.meta.flip else (False,)
+        self._sides = [None, *self.meta.image_scales]  # None: the latent itself
+        names = [moment_column(m, f, k) for m in ("mean", "std") for f in flips for k in self._sides]
+        self.columns = {n: col(n) for n in names}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -305,9 +316,8 @@ class TorchLatentDataset:
     def __getitem__(self, i: int) -> dict:
         import torch
         flip = self.random_flip and bool(torch.randint(2, ()).item())
-        suffix = "_flip" if flip else ""
         item = {"key": self.keys[i], "label": self.labels[i]}
         for m in ("mean", "std"):
-            for tag in self._tags:
-                item[m + tag] = self.columns[m + suffix + tag][i].float()
+            for k in self._sides:
+                item[moment_column(m, False, k)] = self.columns[moment_column(m, flip, k)][i].float()
         return item

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipelines.latents import image_columns, moment_column
+
 __all__ = ["seed_of", "owner_rank", "LatentShard", "load_shard"]
 
 
@@ -51,12 +53,6 @@ class LatentShard:
     def steps_per_epoch(self, micro_batch: int, accum: int) -> int:
         """Equal on every rank (collectives must match): the smallest share sets the epoch."""
         return min(self.rows_per_rank) // (micro_batch * accum)
-
-
-def image_columns(image_scales, flip: bool) -> list[str]:
-    """Columns of the image-derived moments of the given scales (see pipelines.latents)."""
-    flips = ("", "_flip") if flip else ("",)
-    return [f"{m}{f}_img{k}" for k in image_scales for m in ("mean", "std") for f in flips]
 
 
 def load_shard(batches, rank: int, world_size: int, image_scales=()) -> LatentShard:
@@ -96,7 +92,7 @@ def load_shard(batches, rank: int, world_size: int, image_scales=()) -> LatentSh
     return LatentShard(keys=[keep["key"][i] for i in order], labels=tensor("label", torch.long),
                        mean=tensor("mean"), std=tensor("std"), mean_flip=tensor("mean_flip"),
                        std_flip=tensor("std_flip"), rows_per_rank=counts, total_rows=sum(counts),
-                       image={c: tensor(c) for c in col if "_img" in c})
+                       image={c: tensor(c) for c in wanted[5:] if c in col})
 
 
 class BatchSource:
@@ -152,7 +148,7 @@ class BatchSource:
         z = self._sample(*moments(s.mean, s.std, s.mean_flip, s.std_flip), self.meta, generator=g)
         if not self.image_scales:
             return z, s.labels[rows], None
-        targets = [self._sample(*moments(*(s.image.get(f"{m}{f}_img{k}") for f in ("", "_flip")
+        targets = [self._sample(*moments(*(s.image.get(moment_column(m, f, k)) for f in (False, True)
                                            for m in ("mean", "std"))), self.meta, generator=g)
                    for k in self.image_scales]  # columns in moments' order: mean, std, flipped
         return z, s.labels[rows], targets + [z]
