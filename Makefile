@@ -5,7 +5,15 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup quickstart test bench clean
+.PHONY: data setup quickstart test bench clean
+# Prerequisites run left to right: the data check comes before minutes of installing.
+.NOTPARALLEL:
+
+# The bundled data (Fashion-MNIST) with the system Python, before anything is installed: found,
+# or Debian's package installed (root with apt-get), or torchvision's download host reachable;
+# otherwise this fails at once with one line that says what to run (pipelines/bundled_data.py).
+data:
+	@$(PY) -m pipelines.bundled_data ensure
 
 $(BIN)/flowar: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,11 +28,11 @@ $(BIN)/flowar: pyproject.toml
 setup: $(BIN)/flowar
 
 # The whole pipeline on the embedded default (Fashion-MNIST, local Ray, local MLflow store).
-quickstart: setup
+quickstart: data setup
 	$(BIN)/flowar quickstart
 
 # The test command (what CI runs).
-test: setup
+test: data setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

@@ -16,15 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.sources import SourceConfig, _fashion_mnist_dir, _idx
+from pipelines.bundled_data import fashion_mnist_file
+from pipelines.sources import _idx
 
 
 def load_fashion_mnist(split: str = "train", limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 32, 32) padded like the encode job, labels int64 (N,))."""
-    root = _fashion_mnist_dir(SourceConfig(kind="fashion-mnist"))
-    prefix = "train" if split == "train" else "t10k"
-    images = _idx(f"{root}/{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-    labels = _idx(f"{root}/{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    images = _idx(str(fashion_mnist_file(split, "images")), 16).reshape(-1, 28, 28)
+    labels = _idx(str(fashion_mnist_file(split, "labels")), 8).astype(np.int64)
     if limit:
         images, labels = images[:limit], labels[:limit]
     return np.pad(images, ((0, 0), (2, 2), (2, 2))), labels

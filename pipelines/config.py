@@ -5,15 +5,26 @@ the sections below and flowar's model/sampler configs, then calls `load_config(J
 overrides)`. Unknown keys anywhere are errors naming the dotted key; values are typed.
 
     flowar train configs/quickstart.yaml train.max_steps=200 model.scales=[1,2,4,8]
+
+Paths. A field declared with `path_field` names a place (a dataset, an output folder, a store).
+`load_config` makes every such value absolute against the directory the user typed the command
+in, and fills the defaults that depend on that directory or on $FLOWAR_HOME ($FLOWAR_HOME, else
+./flowar-runs), so the config that reaches Ray workers, Tune trials and child runs means the same
+place on every process: a Ray worker's working directory is not the user's. URIs (s3://, ...)
+are kept as they are. `flowar submit` reads job configs with `paths_as_given()` instead: there a
+relative path means relative to the uploaded working directory (see pipelines/submit.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Literal
 
 import yaml
 
@@ -21,24 +32,47 @@ from flowar.config import ConfigError, from_dict, to_dict
 
 __all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_overrides",
            "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri",
-           "add_print_config"]
+           "add_print_config", "flowar_home", "path_field", "resolve_paths", "path_fields",
+           "paths_as_given", "absolute_path"]
+
+# What a path field names, which decides how a relative value is read:
+#   input        a file or folder that must exist (a dataset, a checkpoint, a weights file)
+#   output       a place a job writes (its default, when empty, is under $FLOWAR_HOME)
+#   input_or_id  a local path or a hub id (org/name): made absolute only when it is a local path
+#   reference    an evaluation reference: 'fashion-mnist[:split]', 'folder:PATH', PATH or .npz
+#   tracking_uri an MLflow URI; sqlite:///relative.db becomes sqlite:////abs/relative.db
+PathKind = Literal["input", "output", "input_or_id", "reference", "tracking_uri"]
+
+
+def flowar_home() -> Path:
+    """Where jobs write by default: $FLOWAR_HOME, else ./flowar-runs (absolute)."""
+    return Path(os.environ.get("FLOWAR_HOME") or "flowar-runs").expanduser().absolute()
 
 
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI when set (cluster pods point it at the cluster's MLflow server, see
     clusters/), else a local SQLite store (absolute path: sqlite:////abs/path, see ray-stack-facts)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(os.environ.get("FLOWAR_HOME", Path.cwd() / "flowar-runs")).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
+        return _absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return f"sqlite:///{flowar_home() / 'mlflow.db'}"
+
+
+def default_storage_path() -> str:
+    return str(flowar_home() / "ray_results")
+
+
+def path_field(kind: PathKind, default: str = "", *, default_fn: Callable[[], str] | None = None):
+    """A config field that names a place; `default_fn` fills it when empty (at config read)."""
+    return field(default=default, metadata={"path": kind, "default_fn": default_fn})
 
 
 @dataclass
 class MLflowConfig:
-    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else SQLite under $FLOWAR_HOME
+    # empty: $MLFLOW_TRACKING_URI, else sqlite:////<$FLOWAR_HOME>/mlflow.db (filled at config read)
+    tracking_uri: str = path_field("tracking_uri", default_fn=default_tracking_uri)
     experiment: str = "flowar"
     run_name: str = ""
-    artifact_location: str = ""  # e.g. s3://bucket/mlflow; empty: next to the store
+    artifact_location: str = path_field("output")  # e.g. s3://bucket/mlflow; empty: beside the store
 
     def resolved_uri(self) -> str:
         return self.tracking_uri or default_tracking_uri()
@@ -48,7 +82,84 @@ class MLflowConfig:
 class RayConfig:
     address: str = ""  # empty: start a local Ray (or use RAY_ADDRESS when set)
     num_cpus: int = 0  # local Ray only; 0 lets Ray count the machine's cores
-    storage_path: str = ""  # Ray Train/Tune storage; must be shared storage on a multi-node cluster
+    # Ray Train/Tune storage; must be shared storage on a multi-node cluster.
+    # Empty: <$FLOWAR_HOME>/ray_results (filled at config read).
+    storage_path: str = path_field("output", default_fn=default_storage_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths: resolved once, where the user typed the command
+# ------------------------------------------------------------------------------------------------
+
+_RESOLVE = {"on": True}
+
+
+@contextlib.contextmanager
+def paths_as_given():
+    """Read configs without making paths absolute or filling path defaults (flowar submit: the
+    job's own driver resolves them on the cluster, against the uploaded working directory)."""
+    before = _RESOLVE["on"]
+    _RESOLVE["on"] = False
+    try:
+        yield
+    finally:
+        _RESOLVE["on"] = before
+
+
+def _absolute_tracking_uri(uri: str, cwd: Path | None = None) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(cwd or Path.cwd()) / uri[len('sqlite:///'):]}"
+    return uri
+
+
+def absolute_path(value: str, kind: PathKind = "input", cwd: Path | None = None) -> str:
+    """`value` as the same place seen from any directory (URIs and hub ids unchanged)."""
+    from pipelines.storage import is_uri
+
+    if not value or is_uri(value):
+        return value
+    cwd = Path(cwd or Path.cwd())
+    if kind == "tracking_uri":
+        return _absolute_tracking_uri(value, cwd)
+    if kind == "reference":
+        if value.startswith("fashion-mnist"):
+            return value
+        if value.startswith("folder:"):
+            return "folder:" + absolute_path(value[len("folder:"):], "input", cwd)
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    if kind == "input_or_id" and not _looks_local(value, cwd):
+        return value  # a hub id such as org/name or org/name:subfolder
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else cwd / path)
+
+
+def _looks_local(value: str, cwd: Path) -> bool:
+    return (value.startswith((".", "/", "~")) or (cwd / value).exists()
+            or value.count("/") != 1 or Path(value).suffix in (".ckpt", ".pt", ".pth", ".safetensors"))
+
+
+def path_fields(cfg, prefix: str = ""):
+    """(dotted key, kind, value, metadata) for every path field of a (nested) config dataclass."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from path_fields(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            yield f"{prefix}{f.name}", f.metadata["path"], value, f.metadata
+
+
+def resolve_paths(cfg, cwd: Path | None = None):
+    """Make every path field of `cfg` absolute and fill the path defaults; returns `cfg`."""
+    for key, kind, value, meta in list(path_fields(cfg)):
+        owner = cfg
+        *parents, name = key.split(".")
+        for part in parents:
+            owner = getattr(owner, part)
+        if not value and meta.get("default_fn"):
+            value = meta["default_fn"]()
+        object.__setattr__(owner, name, absolute_path(value, kind, cwd))
+    return cfg
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
@@ -101,7 +212,8 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides=(), base: 
         data = apply_overrides(data, overrides)
     else:
         data = apply_overrides(data, parse_overrides(list(overrides)))
-    return from_dict(cls, data)
+    cfg = from_dict(cls, data)
+    return resolve_paths(cfg) if _RESOLVE["on"] else cfg
 
 
 def add_print_config(parser, load) -> None:

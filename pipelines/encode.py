@@ -27,13 +27,13 @@ from typing import Literal
 
 from flowar.config import ConfigError
 from pipelines import latents, storage
-from pipelines.config import RayConfig, add_print_config, load_config
+from pipelines.config import RayConfig, add_print_config, load_config, path_field
 from pipelines.sources import SourceConfig
 
 
 @dataclass
 class VAESection:
-    spec: str = ""  # diffusers folder, hub id (org/name[:subfolder]) or LDM checkpoint (.ckpt/.pt)
+    spec: str = path_field("input_or_id")  # diffusers folder, hub id (org/name[:subfolder]) or LDM .ckpt/.pt
     ldm_config: dict = field(default_factory=dict)  # LDM checkpoints only; empty: MAR's KL-16
 
 
@@ -57,7 +57,7 @@ class EncodeSection:
 class EncodeConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     vae: VAESection = field(default_factory=VAESection)
-    output: str = ""  # dataset directory, local or URI
+    output: str = path_field("output")  # dataset directory, local or URI
     overwrite: bool = False  # start over when output holds a dataset made with other settings
     encode: EncodeSection = field(default_factory=EncodeSection)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,10 +108,9 @@ def parse_source(source: str) -> dict:
         split = source.split(":", 1)[1] if ":" in source else "test"
         if split not in ("train", "test"):
             raise ValueError(f"reference source {source!r}: split must be train or test")
-        path = FASHION_MNIST_DIR / f"{'train' if split == 'train' else 't10k'}-images-idx3-ubyte.gz"
-        if not path.is_file():
-            raise FileNotFoundError(f"reference source {source!r}: {path} does not exist "
-                                    "(apt-get install dataset-fashion-mnist)")
+        from pipelines.bundled_data import fashion_mnist_file  # encode's and the classifier's lookup
+
+        path = fashion_mnist_file(split, "images")
         return {"kind": "fashion-mnist", "path": str(path), "count": _idx_count(path)}
     folder = Path(source.split(":", 1)[1] if source.startswith("folder:") else source).expanduser()
     if not folder.is_dir():

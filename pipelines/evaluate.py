@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowar.config import ConfigError, SamplerConfig, to_dict
-from pipelines.config import MLflowConfig, RayConfig, add_print_config, load_config
+from pipelines.config import (MLflowConfig, RayConfig, add_print_config, flowar_home, load_config,
+                              path_field)
 
 
 @dataclass
 class GenerationConfig:
-    checkpoint: str = ""  # a from_pretrained folder (config.json, model.safetensors, latents.json)
+    checkpoint: str = path_field("input")  # a from_pretrained folder (config.json, model.safetensors, latents.json)
     use_ema: bool = True  # use <checkpoint>/ema.safetensors when the export has one
-    vae: str = ""  # override the VAE named by <checkpoint>/latents.json (folder, file or hub id)
+    vae: str = path_field("input_or_id")  # override the VAE of <checkpoint>/latents.json (folder, file, hub id)
     num_samples: int = 50000  # the standard protocol: 50 per class of ImageNet's 1000
     samples_per_class: int = 50
     seed: int = 0
@@ -40,7 +40,7 @@ class GenerationConfig:
 
 @dataclass
 class ReferenceConfig:
-    source: str = ""  # 'fashion-mnist[:test|train]', a folder of images, or an ADM-style .npz (mu, sigma)
+    source: str = path_field("reference")  # 'fashion-mnist[:test|train]', an image folder, or an ADM .npz
     resolution: int = 0  # images are center-cropped/resized to this; 0: the generated resolution
     max_images: int = 0  # 0: all images of the source
     batch_size: int = 50
@@ -61,7 +61,7 @@ class MetricsConfig:
 
 @dataclass
 class InceptionConfig:
-    weights: str = ""  # empty: torch-fidelity's cached file, else fid-helper's converted copy, else download
+    weights: str = path_field("input")  # empty: torch-fidelity's cache, else fid-helper's copy, else download
     allow_download: bool = True
 
 
@@ -83,7 +83,7 @@ class EvalConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
-    output_dir: str = ""  # shards, grid and report; empty: $FLOWAR_HOME/eval/<settings hash>
+    output_dir: str = path_field("output")  # shards, grid, report; empty: $FLOWAR_HOME/eval/<settings hash>
     run_id: str = ""  # MLflow run to log into; empty: the export's training run, else a new run
     step: int = -1  # checkpoint step for the metrics; -1: the export's training step, else 0
     metric_prefix: str = "eval"
@@ -200,8 +200,7 @@ def main(cfg: EvalConfig) -> dict:
                 "shard_size": g.shard_size, "extractor": file_digest(weights) if weights else "download",
                 "keep_features": need_features, "save_images": g.save_images,
                 "grid": [g.grid_classes, g.grid_per_class]}
-    root = Path(os.environ.get("FLOWAR_HOME", Path.cwd() / "flowar-runs"))
-    out = Path(cfg.output_dir or root / "eval" / settings_key(settings)).expanduser()
+    out = Path(cfg.output_dir or flowar_home() / "eval" / settings_key(settings)).expanduser()
     guard = out / "settings.json"
     if guard.is_file() and json.loads(guard.read_text()) != settings:
         old = json.loads(guard.read_text())

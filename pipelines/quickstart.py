@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.config import add_print_config, load_config
+from pipelines.config import add_print_config, flowar_home, load_config, path_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
 class QuickstartConfig:
-    home: str = ""  # where everything is written; empty: $FLOWAR_HOME, else ./flowar-runs
+    home: str = path_field("output", default_fn=lambda: str(flowar_home()))  # empty: $FLOWAR_HOME, else ./flowar-runs
     images: int = 20000  # Fashion-MNIST training images to encode; 0: all 60,000
     classifier_epochs: int = 2
     classifier_images: int = 30000  # training images for the classifier; 0: all 60,000
@@ -60,7 +60,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from pipelines.train import load_train_config, run_training
     from pipelines.vae_train import VAETrainConfig, run_vae_train
 
-    home = Path(cfg.home or os.environ.get("FLOWAR_HOME", "flowar-runs")).expanduser().resolve()
+    home = Path(cfg.home or flowar_home())
     home.mkdir(parents=True, exist_ok=True)
     os.environ["FLOWAR_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

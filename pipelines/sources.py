@@ -8,8 +8,8 @@ decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
 - `parquet`: Parquet files with an image column (bytes, or HF-datasets {bytes, path} structs),
   a label column and optionally a key column;
 - `webdataset`: .tar shards with `<key>.<jpg|png|webp|...>` plus `<key>.cls` (or .json "label");
-- `fashion-mnist`: the IDX files of Debian's dataset-fashion-mnist (torchvision's download when
-  absent), 28x28 grey padded to 32x32.
+- `fashion-mnist`: the bundled data set's IDX files (pipelines.bundled_data: Debian's package,
+  else torchvision's download), 28x28 grey padded to 32x32.
 
 Paths may be local or any URI pyarrow's filesystems read (s3://, gs://, ...).
 Preprocessing (ADM/MAR `center_crop_arr`): halve with a box filter while the short side is at least
@@ -28,8 +28,8 @@ from typing import Literal
 
 from flowar.config import ConfigError
 from pipelines import storage
+from pipelines.config import path_field
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -38,7 +38,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 @dataclass
 class SourceConfig:
     kind: Literal["folder", "parquet", "webdataset", "fashion-mnist"] = "fashion-mnist"
-    path: str = ""  # folder / shard directory / URI; fashion-mnist: the IDX directory (default Debian's)
+    path: str = path_field("input")  # folder / shard directory / URI; fashion-mnist: the IDX folder
     split: Literal["train", "test"] = "train"  # fashion-mnist only
     limit: int = 0  # keep the first N images (by key); 0 keeps all
     image_column: str = "image"  # parquet only
@@ -147,19 +147,13 @@ def _list_webdataset(cfg):
 
 
 def _fashion_mnist_dir(cfg) -> str:
-    path = cfg.path or FASHION_MNIST_DIR
-    if os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")):
-        return path
-    if cfg.path:
-        raise ConfigError(f"source.path {path!r} holds no Fashion-MNIST IDX files")
-    try:  # no Debian package: torchvision's download (same IDX files)
-        from torchvision.datasets import FashionMNIST
-        cache = os.path.expanduser("~/.cache/flowar")
-        FashionMNIST(cache, download=True)
-        return os.path.join(cache, "FashionMNIST", "raw")
-    except Exception as e:
-        raise ConfigError(f"Fashion-MNIST: not at {FASHION_MNIST_DIR} (apt-get install "
-                          f"dataset-fashion-mnist) and the download failed: {e}") from None
+    """The bundled data's one lookup (pipelines.bundled_data); `source.path` overrides it."""
+    from pipelines.bundled_data import MissingData, fashion_mnist_dir
+
+    try:
+        return str(fashion_mnist_dir(cfg.path))
+    except MissingData as e:
+        raise ConfigError(f"source.path: {e}" if cfg.path else str(e)) from None
 
 
 _IDX_CACHE: dict[str, object] = {}

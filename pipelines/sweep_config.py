@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowar.config import ConfigError
+from pipelines.config import path_field
 
 __all__ = ["SweepConfig", "SchedulerConfig", "TrialResources", "Axis", "load_sweep",
            "trial_overrides", "REPORTED_METRICS", "validate"]
@@ -78,7 +79,7 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     seed: int = 0  # random search state (choice/uniform/loguniform)
     resources: TrialResources = field(default_factory=TrialResources)
-    storage_path: str = ""  # Tune's experiment root; empty: the training job's storage path
+    storage_path: str = path_field("output")  # Tune's experiment root; empty: the training job's
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_concurrent_trials < 1:

@@ -14,13 +14,12 @@ run because the run id travels in the worker config.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from flowar.config import PRESETS, ConfigError, FlowARConfig, SamplerConfig, to_dict
-from pipelines.config import MLflowConfig, RayConfig, add_print_config, config_hash, load_config
+from pipelines.config import (MLflowConfig, RayConfig, add_print_config, config_hash, load_config,
+                              path_field)
 
 __all__ = ["DataConfig", "TrainConfig", "TrainJobConfig", "load_train_config", "run_training",
            "TrainingDiverged", "register"]
@@ -28,7 +27,7 @@ __all__ = ["DataConfig", "TrainConfig", "TrainJobConfig", "load_train_config", "
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a latent pyramid dataset written by `flowar encode` (local path or URI)
+    path: str = path_field("input")  # a latent pyramid dataset written by `flowar encode` (path or URI)
     flip_augment: bool = True  # use the stored horizontally flipped latents half of the time
 
 
@@ -61,7 +60,7 @@ class TrainConfig:
     sample_every: int = 5000  # steps between sample grids; 0: only at the end
     sample_classes: tuple[int, ...] = ()  # empty: the first 8 classes
     samples_per_class: int = 4
-    export_dir: str = ""  # empty: <storage>/<run name>/export
+    export_dir: str = path_field("output")  # empty: <storage>/<run name>/export
 
     def __post_init__(self):
         positive = ("num_workers", "global_batch_size", "grad_accum_steps", "epochs", "log_every",
@@ -120,10 +119,10 @@ def run_name(cfg: TrainJobConfig) -> str:
 
 
 def storage_path(cfg: TrainJobConfig) -> str:
-    if cfg.ray.storage_path:
-        return cfg.ray.storage_path
-    root = Path(os.environ.get("FLOWAR_HOME", Path.cwd() / "flowar-runs")).resolve()
-    return str(root / "ray_results")
+    """Ray Train's storage (filled at config read: $FLOWAR_HOME/ray_results when not given)."""
+    from pipelines.config import default_storage_path
+
+    return cfg.ray.storage_path or default_storage_path()
 
 
 def check_job(cfg: TrainJobConfig) -> None:

@@ -13,17 +13,16 @@ VAE is saved with `save_pretrained` to `output`. An existing output is reused un
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from flowar.config import ConfigError
 from pipelines import storage
-from pipelines.config import MLflowConfig, RayConfig, add_print_config, load_config
+from pipelines.config import (MLflowConfig, RayConfig, add_print_config, flowar_home, load_config,
+                              path_field)
 from pipelines.sources import SourceConfig
 
 
@@ -53,7 +52,7 @@ class VAETrainConfig:
     resolution: int = 32
     model: VAEModelSection = field(default_factory=VAEModelSection)
     train: VAETrainSection = field(default_factory=VAETrainSection)
-    output: str = ""  # save_pretrained folder (local or URI)
+    output: str = path_field("output")  # save_pretrained folder (local or URI)
     overwrite: bool = False  # retrain even when output already holds a VAE
     mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(experiment="flowar-vae"))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -226,13 +225,12 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
         from flowar.config import to_dict
         dataset = _images_dataset(cfg, ray)
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.num_workers
-        home = Path(os.environ.get("FLOWAR_HOME", "flowar-runs")).resolve()
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "run_id": run_id},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(name=f"vae-train-{run_id[:8]}-{uuid.uuid4().hex[:4]}",
-                                           storage_path=cfg.ray.storage_path or str(home / "ray-results")),
+                                           storage_path=cfg.ray.storage_path or str(flowar_home() / "ray_results")),
             datasets={"train": dataset})
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:

@@ -124,7 +124,8 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     SIGKILL after some parts are written; the re-run keeps them and does the rest."""
     from pipelines.encode import run_encode
     from pipelines.latents import TorchLatentDataset, list_parts, read_metadata
-    from pipelines.sources import FASHION_MNIST_DIR, _idx
+    from pipelines.bundled_data import fashion_mnist_file
+    from pipelines.sources import _idx
     out = tmp_path / "fm"
     overrides = ["source.kind=fashion-mnist", "source.limit=960", "encode.shard_size=40",
                  "encode.batch_size=20", "encode.flip=false"]
@@ -154,7 +155,7 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
         assert os.stat(path).st_mtime_ns == mtime
     data = TorchLatentDataset(str(out))
     assert sorted(data.keys) == [f"fashion-mnist/train/{i:05d}" for i in range(960)]  # no dups, no gaps
-    labels = _idx(f"{FASHION_MNIST_DIR}/train-labels-idx1-ubyte.gz", 8)[:960]
+    labels = _idx(str(fashion_mnist_file("train", "labels")), 8)[:960]
     assert [int(labels[int(k[-5:])]) for k in data.keys] == data.labels.tolist()
     meta = read_metadata(str(out))
     assert meta.count == 960 and meta.class_names[9] == "Ankle boot" and meta.source["kind"] == "fashion-mnist"

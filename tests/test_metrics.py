@@ -37,11 +37,10 @@ def image_sets(tmp_path_factory):
     """Two folders of different real Fashion-MNIST test images, 32x32 RGB PNG."""
     from PIL import Image
 
-    from pipelines.eval_worker import FASHION_MNIST_DIR, read_idx_images
+    from pipelines.bundled_data import fashion_mnist_file
+    from pipelines.eval_worker import read_idx_images
 
-    path = FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"
-    if not path.is_file():
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    path = fashion_mnist_file("test", "images")
     images = read_idx_images(path)
     root = tmp_path_factory.mktemp("sets")
     dirs = []
