@@ -62,18 +62,40 @@ def non_finite_message(stats: torch.Tensor, grad_norm: float, step: int) -> str:
             "resume from an earlier checkpoint.")
 
 
-def _inject_fault(fault: dict, rank: int, world: int, step: int) -> None:
-    """Test hook: once (marker file), kill or fail one worker at a step to exercise recovery."""
+def _inject_fault(fault: dict, rank: int, world: int, step: int, run_dir: str = "") -> None:
+    """Test hook: once (marker file), kill or fail one worker at a step to exercise recovery.
+
+    `after_checkpoint`: first wait until Ray's controller has registered the checkpoint of that
+    step (its checkpoint manager snapshot in the run directory says so), so that the recovery
+    under test starts from it on a loaded machine as on an idle one."""
     if not fault or step != fault["step"] or rank != fault.get("rank", world - 1):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    if fault.get("after_checkpoint"):
+        _wait_for_registered_checkpoint(run_dir, int(fault["after_checkpoint"]))
     marker.write_text(f"fault injected at step {step}\n")
-    time.sleep(fault.get("delay_s", 0))  # lets the controller register the last checkpoint
     if fault.get("mode", "kill") == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault at step {step}")
+
+
+def _wait_for_registered_checkpoint(run_dir: str, step: int, limit_s: float = 600.0) -> None:
+    """Block until the latest checkpoint in Ray Train's snapshot of `run_dir` is of `step`."""
+    import json
+
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"  # Ray Train V2's own file
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if (latest.get("metrics") or {}).get("step", -1) >= step:
+                return
+        except (OSError, ValueError):
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.2)
+    raise RuntimeError(f"fault hook: Ray never registered the step-{step} checkpoint in {snapshot}")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -174,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
               f"steps {start_step}..{total_steps}, {source.steps_per_epoch} per epoch, "
               f"{shard.total_rows} latents, micro-batch {tc.micro_batch} x {tc.grad_accum_steps}", flush=True)
     for step in range(start_step, total_steps):
-        _inject_fault(config.get("fault") or {}, rank, world, step)
+        _inject_fault(config.get("fault") or {}, rank, world, step, run_dir)
         torch.manual_seed(seed_of("step", tc.seed, rank, step))  # label drop, t, noise
         lr = lr_at(step, peak_lr, warmup, total_steps, tc.min_lr)
         for group in optimizer.param_groups:

@@ -344,7 +344,8 @@ def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_coun
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp")
     marker = tmp_path / "killed-once"
     result = run_training(cfg, dataset=ray_data,
-                          fault={"step": 30, "mode": "kill", "marker": str(marker), "delay_s": 2})
+                          fault={"step": 30, "mode": "kill", "marker": str(marker),
+                                 "after_checkpoint": 20})
     assert marker.exists()  # a worker was SIGKILLed at step 30
     c, runs = mlflow_run(mlflow_uri, "fsdp")
     assert len(runs) == 1  # the restarted worker group continued the same MLflow run
@@ -393,3 +394,27 @@ def test_image_scale_construction_trains_through_ray_train(tmp_path, ray_local, 
     assert len(curve) == 2 and curve[-1] < curve[0], curve
     model = FlowAR.from_pretrained(result.metrics["export_dir"])
     assert model.config.scale_construction == "image"
+
+
+@pytest.mark.parametrize("strategy,injection", [("ddp", "cross_attention"),
+                                                ("fsdp", "channel_concat")])
+def test_injections_without_semantics_proj_train_through_ray_train(
+        strategy, injection, dataset, ray_data, tmp_path, mlflow_uri):
+    """The two injections whose unused semantics projection crashed DDP in the Table 6 sweep
+    (issue 13): 2 workers, a few steps, the model exported without that projection."""
+    from flowar import FlowAR
+    from pipelines.train import run_training
+
+    name = f"{strategy}-{injection}"
+    cfg = job(dataset, tmp_path, mlflow_uri, f"mlflow.run_name={name}", f"train.strategy={strategy}",
+              f"model.injection={injection}", "train.max_steps=4", "train.checkpoint_every=4",
+              "train.log_every=2")
+    result = run_training(cfg, dataset=ray_data)
+    assert result.metrics["step"] == 4 and math.isfinite(result.metrics["loss"])
+    c, runs = mlflow_run(mlflow_uri, name)
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["model.injection"] == injection
+    assert runs[0].data.params["train.strategy"] == strategy
+    assert all(math.isfinite(v) for v in losses(c, runs[0].info.run_id))
+    model = FlowAR.from_pretrained(result.metrics["export_dir"])
+    assert model.config.injection == injection and model.flow.semantics_proj is None
