@@ -116,11 +116,11 @@ def absolute_path(value: str, kind: PathKind = "input", cwd: Path | None = None)
     """`value` as the same place seen from any directory (URIs and hub ids unchanged)."""
     from pipelines.storage import is_uri
 
-    if not value or is_uri(value):
-        return value
     cwd = Path(cwd or Path.cwd())
     if kind == "tracking_uri":
         return _absolute_tracking_uri(value, cwd)
+    if not value or is_uri(value):
+        return value
     if kind == "reference":
         if value.startswith("fashion-mnist"):
             return value
