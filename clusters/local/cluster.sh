@@ -11,8 +11,14 @@
 # Settings (environment): FLOWAR_RAY_PORT (6379), FLOWAR_DASHBOARD_PORT (8265),
 # FLOWAR_CLIENT_PORT (10001; outside Ray's worker ports 10002-19999), FLOWAR_WORKER_CPUS (2), FLOWAR_WORKER_GPUS (0),
 # FLOWAR_WORKER_MEMORY_GB (object store per worker, 1), FLOWAR_RAY_TEMP (/tmp/flowar-ray),
-# FLOWAR_MLFLOW_PORT (0: no MLflow server; e.g. 5000), FLOWAR_HOME (./flowar-runs: MLflow db).
+# FLOWAR_MLFLOW_PORT (0: no MLflow server; e.g. 5000), FLOWAR_HOME (./flowar-runs, made absolute).
 # Token auth: the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token (made if none).
+#
+# Where jobs write: every node gets FLOWAR_HOME (absolute) and MLFLOW_TRACKING_URI (this
+# cluster's MLflow server, else sqlite:////<FLOWAR_HOME>/mlflow.db) in its environment, so job
+# outputs left at their defaults land there, not in the job's working directory (Ray's temp
+# copy of the upload, deleted later). `start` and `status` print both; they are also in
+# <FLOWAR_RAY_TEMP>/cluster.env.
 set -euo pipefail
 
 PORT=${FLOWAR_RAY_PORT:-6379}
@@ -77,6 +83,16 @@ case "${1:-}" in
   start)
     WORKERS=${2:-1}
     mkdir -p "$TEMP" "$HOME_DIR"
+    HOME_DIR=$(cd "$HOME_DIR" && pwd)   # absolute: a job's working directory is Ray's, not ours
+    if [[ "$MLFLOW_PORT" != 0 ]]; then
+      TRACKING="http://127.0.0.1:$MLFLOW_PORT"
+    else
+      TRACKING="sqlite:///$HOME_DIR/mlflow.db"   # 4 slashes: an absolute path
+    fi
+    # Every process of the cluster inherits these from `ray start`: job drivers, Train workers,
+    # Tune trials (flowar submit reads them from a job driver and pins them in each job's env).
+    export FLOWAR_HOME="$HOME_DIR" MLFLOW_TRACKING_URI="$TRACKING"
+    printf 'FLOWAR_HOME=%s\nMLFLOW_TRACKING_URI=%s\n' "$FLOWAR_HOME" "$MLFLOW_TRACKING_URI" > "$TEMP/cluster.env"
     if [[ -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$HOME/.ray/auth_token" ]]; then
       "$BIN/ray" get-auth-token --generate >/dev/null
     fi
@@ -97,14 +113,17 @@ case "${1:-}" in
         --backend-store-uri "sqlite:///$HOME_DIR/mlflow.db" --artifacts-destination "$HOME_DIR/mlartifacts" \
         --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 > "$TEMP/mlflow.log" 2>&1 &
       echo $! > "$TEMP/mlflow.pid"
-      echo "MLflow UI: http://127.0.0.1:$MLFLOW_PORT  (export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT)"
+      echo "MLflow UI: http://127.0.0.1:$MLFLOW_PORT"
     fi
     echo "Ray cluster up: head + $WORKERS worker(s). Submit with:"
     echo "  export RAY_ADDRESS=http://127.0.0.1:$DASH"
-    echo "  flowar submit train configs/train-tiny.yaml data.path=..."
+    echo "  flowar submit train configs/train-tiny.yaml data.path=/absolute/path/to/latents"
+    echo "Outputs not given go under FLOWAR_HOME=$FLOWAR_HOME; runs go to"
+    echo "  MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI   (export it here to read them)"
     ;;
   status)
     RAY_ADDRESS="127.0.0.1:$PORT" "$BIN/ray" status
+    cat "$TEMP/cluster.env" 2>/dev/null || true
     ;;
   stop)
     if [[ -f "$TEMP/mlflow.pid" ]]; then
@@ -114,7 +133,7 @@ case "${1:-}" in
     stop_cluster
     ;;
   *)
-    sed -n '2,17p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac
