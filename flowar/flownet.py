@@ -24,6 +24,10 @@ from .layers import (CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmb
                      maybe_checkpoint)
 
 PER_TOKEN_CONDITION = ("spatial_adaln", "cross_attention_adaln")
+# Injections that read the semantics at flow width through `semantics_proj`. cross_attention reads
+# them raw (its key/value projection maps ar_width itself) and channel_concat through input_proj,
+# so those two have no semantics_proj: a parameter that never gets a gradient makes DDP fail.
+PROJECTED_SEMANTICS = ("spatial_adaln", "cross_attention_adaln", "adaln", "addition", "sequence_concat")
 
 
 class AdaLNBlock(nn.Module):
@@ -87,7 +91,7 @@ class FlowNet(nn.Module):
         heads, hidden = W // cfg.flow_head_dim, int(W * cfg.flow_mlp_ratio)
         self.injection = cfg.injection
         self.time_embed = TimestepEmbedder(W, cfg.time_freq_dim)
-        self.semantics_proj = nn.Linear(d, W)
+        self.semantics_proj = nn.Linear(d, W) if cfg.injection in PROJECTED_SEMANTICS else None
         self.input_proj = nn.Linear(C + d if cfg.injection == "channel_concat" else C, W)
         attention = cfg.head == "per_scale"
         if cfg.injection in ("cross_attention_adaln", "cross_attention"):
@@ -104,7 +108,7 @@ class FlowNet(nn.Module):
         n = x_t.shape[1]
         side = int(round(n ** 0.5))
         t_emb = self.time_embed(t)[:, None]
-        sem = self.semantics_proj(semantics)
+        sem = self.semantics_proj(semantics) if self.semantics_proj is not None else None
         mode = self.injection
         if mode == "channel_concat":
             x = self.input_proj(torch.cat([x_t, semantics], dim=-1))
