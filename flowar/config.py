@@ -63,30 +63,41 @@ class FlowARConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self):
+        """Every value and combination the model cannot be built or trained with, refused when
+        the config is read (ConfigError naming the keys), not when a layer or sampler meets it."""
         self.scales = tuple(int(s) for s in self.scales)
         validate_scales(self.scales)
-        checks = {
-            "latent_channels": self.latent_channels >= 1,
-            "num_classes": self.num_classes >= 1,
-            "ar_width": self.ar_width % self.ar_heads == 0,
-            "flow_width": self.flow_width % self.flow_head_dim == 0,
-            "ar_depth": self.ar_depth >= 2,
-            "flow_depth": self.flow_depth >= 1,
-            "label_drop": 0.0 <= self.label_drop < 1.0,
-            "attn_dropout": 0.0 <= self.attn_dropout < 1.0,
-            "proj_dropout": 0.0 <= self.proj_dropout < 1.0,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"model.{key}={getattr(self, key)!r} is invalid for this model "
-                                  f"(ar_width={self.ar_width}, ar_heads={self.ar_heads}, "
-                                  f"flow_width={self.flow_width}, flow_head_dim={self.flow_head_dim})")
+        at_least = {"latent_channels": 1, "num_classes": 1, "ar_width": 1, "ar_heads": 1,
+                    "ar_depth": 2,  # split into an encoder half and a decoder half
+                    "flow_width": 1, "flow_depth": 1, "flow_head_dim": 1,
+                    "time_freq_dim": 2,  # sin and cos of at least one frequency
+                    "diffusion_steps": 1}
+        for key, low in at_least.items():
+            if getattr(self, key) < low:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}: need at least {low}")
+        for key in ("label_drop", "attn_dropout", "proj_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}: need a value in [0, 1)")
+        if int(self.ar_width * self.ar_mlp_ratio * 2 / 3) < 1:
+            raise ConfigError(f"model.ar_mlp_ratio={self.ar_mlp_ratio!r}: the AR MLP of "
+                              f"model.ar_width={self.ar_width} would have no hidden units")
+        if int(self.flow_width * self.flow_mlp_ratio) < 1:
+            raise ConfigError(f"model.flow_mlp_ratio={self.flow_mlp_ratio!r}: the flow MLP of "
+                              f"model.flow_width={self.flow_width} would have no hidden units")
+        if self.ar_width % self.ar_heads:
+            raise ConfigError(f"model.ar_width={self.ar_width} is not divisible by "
+                              f"model.ar_heads={self.ar_heads}")
+        if self.flow_width % self.flow_head_dim:
+            raise ConfigError(f"model.flow_width={self.flow_width} is not divisible by "
+                              f"model.flow_head_dim={self.flow_head_dim}")
         if (self.ar_width // self.ar_heads) % 4 or self.flow_head_dim % 4:
             raise ConfigError("2D RoPE needs head dimensions divisible by 4: "
-                              f"ar {self.ar_width // self.ar_heads}, flow {self.flow_head_dim}")
+                              f"ar {self.ar_width // self.ar_heads} (model.ar_width / model.ar_heads), "
+                              f"flow {self.flow_head_dim} (model.flow_head_dim)")
         if self.head == "per_token" and self.injection not in ("spatial_adaln", "adaln",
                                                                "addition", "channel_concat"):
-            raise ConfigError(f"head='per_token' cannot be combined with injection='{self.injection}': "
+            raise ConfigError(f"model.head='per_token' cannot be combined with "
+                              f"model.injection='{self.injection}': "
                               "a per-token MLP head sees one token, so it has no sequence to attend "
                               "over; use injection 'spatial_adaln', 'adaln', 'addition' or "
                               "'channel_concat'")
@@ -101,15 +112,11 @@ class FlowARConfig:
 
 
 def validate_scales(scales: tuple[int, ...], latent_size: int | None = None) -> None:
-    """Scales must be positive, strictly increasing, start at 1 and end at the latent's side."""
+    """Scales must be positive, strictly increasing, and end at the latent's side."""
     if len(scales) < 1 or any(s < 1 for s in scales):
         raise ConfigError(f"model.scales={scales}: need at least one positive scale")
     if any(b <= a for a, b in zip(scales, scales[1:])):
         raise ConfigError(f"model.scales={scales}: scales must be strictly increasing, coarse to fine")
-    if scales[0] != 1:
-        # The AR sequence opens with the class token, which is the whole first scale's input.
-        raise ConfigError(f"model.scales={scales}: the first scale must be 1 (the class token "
-                          "is the 1x1 scale's input)")
     if latent_size is not None and scales[-1] != latent_size:
         raise ConfigError(f"model.scales={scales} ends at {scales[-1]}, but the latent is "
                           f"{latent_size}x{latent_size}: the last scale must be the latent's size")
@@ -126,6 +133,10 @@ class SamplerConfig:
     solver: Literal["euler", "heun", "sde"] = "euler"
 
     def __post_init__(self):
+        """Also the grids flowar.sampling.time_grid cannot build (same messages), so a sampler
+        that cannot sample is refused when the config is read, not at the first sample grid.
+        Combinations with the model (objective=diffusion needs solver=euler) are checked where
+        both sections meet: the train job's config (pipelines.train.check_job) and generate()."""
         if self.num_steps < 1:
             raise ConfigError(f"sampler.num_steps={self.num_steps}: need at least one step")
         if self.time_grid == "published" and self.num_steps < 4:
@@ -134,8 +145,9 @@ class SamplerConfig:
         if self.cfg < 1.0:
             raise ConfigError(f"sampler.cfg={self.cfg}: guidance scales below 1 are not supported")
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
-            raise ConfigError(f"sampler guidance interval [{self.guidance_low}, {self.guidance_high}] "
-                              "must satisfy 0 <= low <= high <= 1")
+            raise ConfigError(f"sampler.guidance_low={self.guidance_low}, sampler.guidance_high="
+                              f"{self.guidance_high}: the guidance interval must satisfy "
+                              "0 <= low <= high <= 1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,19 @@ class EncodeSection:
     actor_cpus: float = 1.0  # CPUs per actor (its torch threads on CPU)
     actor_gpus: float = 1.0  # GPUs per actor, used only when the cluster has GPUs
 
+    def __post_init__(self):
+        for name in ("resolution", "shard_size", "batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"encode.{name}={getattr(self, name)} must be at least 1")
+        if self.actor_cpus <= 0:
+            raise ConfigError(f"encode.actor_cpus={self.actor_cpus} must be more than 0")
+        if self.actor_gpus < 0:
+            raise ConfigError(f"encode.actor_gpus={self.actor_gpus} must not be negative")
+        for name in ("pyramid", "image_pyramid"):
+            sides = getattr(self, name)
+            if any(s < 1 for s in sides):
+                raise ConfigError(f"encode.{name}={sides}: sides must be at least 1")
+
 
 @dataclass
 class EncodeConfig:
@@ -61,6 +74,96 @@ class EncodeConfig:
     overwrite: bool = False  # start over when output holds a dataset made with other settings
     encode: EncodeSection = field(default_factory=EncodeSection)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self):
+        if not self.output:
+            raise ConfigError("output is empty: give the dataset directory (local path or URI)")
+        if not self.vae.spec:
+            raise ConfigError("vae.spec is empty: give a diffusers folder, hub id or LDM checkpoint")
+
+
+def load_encode_config(path=None, overrides=()) -> EncodeConfig:
+    """The encode job's config, as `flowar encode` and `flowar encode --print-config` read it.
+
+    No I/O: every value of every section (the dataclasses' `__post_init__`). Cheap I/O: the VAE's
+    own config (a folder's config.json, an LDM checkpoint's `vae.ldm_config` or `<file>.json`)
+    gives its downsampling factor, against which encode.resolution and the pyramid sides are
+    checked (`check_vae_geometry`); a hub id, or an LDM file that carries its config inside,
+    is checked when `run_encode` has loaded it. Left to the run because they need more than a
+    config file: whether the VAE can encode each encode.image_pyramid size (a forward pass of
+    the loaded VAE), the source's listing (source.*), and an existing output made with other
+    settings (compared with the listing)."""
+    cfg = load_config(EncodeConfig, path, overrides)
+    downsample = vae_downsample(cfg.vae.spec, cfg.vae.ldm_config or None)
+    if downsample is not None:
+        check_vae_geometry(cfg, downsample)
+    return cfg
+
+
+# Where each supported diffusers class keeps the channel list whose length sets its downsampling
+# (2^(levels - 1)); flowar.vae._info reads the same from the built model.
+_DOWNSAMPLE_KEYS = {"AutoencoderKL": "block_out_channels",
+                    "AutoencoderDC": "encoder_block_out_channels",
+                    "AutoencoderTiny": "encoder_block_out_channels"}
+
+
+def vae_downsample(spec: str, ldm_config: dict | None = None) -> int | None:
+    """The VAE's downsampling factor from its config alone (no weights, no torch), or None when
+    only loading it can tell (a hub id; an LDM checkpoint without vae.ldm_config, unless it is a
+    .safetensors file with a <file>.json beside it). ConfigError, with
+    `flowar.vae.load_vae`'s reason, when `spec` cannot be a VAE at all."""
+    from pathlib import Path
+
+    def refuse(reason: str):
+        raise ConfigError(f"vae.spec={spec!r}: {reason}")
+
+    path = Path(spec).expanduser()
+    if path.is_file():  # an LDM checkpoint, configured as load_vae does it
+        config = ldm_config
+        sidecar = path.with_suffix(path.suffix + ".json")
+        if config is None:
+            if path.suffix != ".safetensors":
+                return None  # a `config` entry in the file would win over <file>.json
+            if sidecar.is_file():
+                try:
+                    config = json.loads(sidecar.read_text())
+                except (OSError, ValueError) as e:
+                    refuse(f"{sidecar} is not a readable JSON config ({e})")
+        mult = (config or {}).get("ch_mult")
+        return 2 ** (len(mult) - 1) if isinstance(mult, (list, tuple)) and mult else None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            refuse(f"VAE folder {spec!r} has no config.json (expected a diffusers save_pretrained "
+                   "folder)")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            refuse(f"{path / 'config.json'} is not readable JSON ({e})")
+        kind = config.get("_class_name", "AutoencoderKL")
+        if kind not in _DOWNSAMPLE_KEYS:
+            refuse(f"VAE {spec!r} is a {kind}; supported: {', '.join(_DOWNSAMPLE_KEYS)}")
+        levels = config.get(_DOWNSAMPLE_KEYS[kind])
+        return 2 ** (len(levels) - 1) if isinstance(levels, list) and levels else None
+    if spec.startswith((".", "/", "~")) or spec.partition(":")[0].count("/") != 1:
+        refuse(f"VAE {spec!r}: no such file or folder, and not a hub id (org/name)")
+    return None  # a hub id: its config is on the hub
+
+
+def check_vae_geometry(cfg: EncodeConfig, downsample: int) -> int:
+    """encode.resolution and the pyramid sides against the VAE's downsampling; the latent side."""
+    enc = cfg.encode
+    if enc.resolution % downsample:
+        raise ConfigError(f"encode.resolution={enc.resolution} is not a multiple of the VAE's "
+                          f"downsampling factor {downsample} (vae.spec={cfg.vae.spec!r})")
+    latent_size = enc.resolution // downsample
+    for name in ("pyramid", "image_pyramid"):
+        sides = getattr(enc, name)
+        bad = [s for s in sides if not 1 <= s < latent_size]
+        if bad:
+            raise ConfigError(f"encode.{name}={sides}: sides {bad} are not coarser than the "
+                              f"{latent_size}x{latent_size} latent (encode.resolution="
+                              f"{enc.resolution} / VAE downsampling {downsample})")
+    return latent_size
 
 
 class LatentWriter:
@@ -198,28 +301,17 @@ def run_encode(cfg: EncodeConfig) -> dict:
     from pipelines.sources import list_items
 
     enc = cfg.encode
-    if not cfg.output:
-        raise ConfigError("output is empty: give the dataset directory (local path or URI)")
-    if not cfg.vae.spec:
-        raise ConfigError("vae.spec is empty: give a diffusers folder, hub id or LDM checkpoint")
-    for name in ("resolution", "shard_size", "batch_size", "actors"):
-        if getattr(enc, name) < 1:
-            raise ConfigError(f"encode.{name}={getattr(enc, name)} must be at least 1")
+    # The config's own checks ran when it was built; these read the VAE's config (the same
+    # function and messages as load_encode_config, so --print-config and the run agree).
+    downsample = vae_downsample(cfg.vae.spec, cfg.vae.ldm_config or None)
+    if downsample is not None:
+        check_vae_geometry(cfg, downsample)
     items, classes = list_items(cfg.source)
     try:
         vae, info = load_vae(cfg.vae.spec, "cpu", cfg.vae.ldm_config or None)
     except (OSError, ValueError) as e:
         raise ConfigError(f"vae.spec={cfg.vae.spec!r}: {e}") from None
-    if enc.resolution % info.downsample:
-        raise ConfigError(f"encode.resolution={enc.resolution} is not a multiple of the VAE's "
-                          f"downsampling factor {info.downsample}")
-    latent_size = enc.resolution // info.downsample
-    for name in ("pyramid", "image_pyramid"):
-        sides = getattr(enc, name)
-        bad = [s for s in sides if not 1 <= s < latent_size]
-        if bad:
-            raise ConfigError(f"encode.{name}={sides}: sides {bad} are not coarser than the "
-                              f"{latent_size}x{latent_size} latent")
+    latent_size = check_vae_geometry(cfg, info.downsample)  # a hub id's or a checkpoint's own
     _probe_image_scales(vae, enc.image_pyramid, info.downsample, info.latent_channels)
     del vae
     source = {k: v for k, v in vars(cfg.source).items() if k in ("kind", "path", "split", "limit")}
@@ -287,7 +379,7 @@ def _run_pipeline(cfg, meta, shards, todo, total):
 
 
 def main(args) -> int:
-    cfg = load_config(EncodeConfig, args.config, args.overrides)
+    cfg = load_encode_config(args.config, args.overrides)
     run_encode(cfg)
     return 0
 
@@ -303,4 +395,4 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML config (see configs/encode-*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encode.actors=2")
     p.set_defaults(func=main)
-    add_print_config(p, lambda a: load_config(EncodeConfig, a.config, a.overrides))
+    add_print_config(p, lambda a: load_encode_config(a.config, a.overrides))

@@ -17,7 +17,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flowar.config import PRESETS, ConfigError, FlowARConfig, SamplerConfig, to_dict
+from flowar.config import PRESETS, ConfigError, FlowARConfig, SamplerConfig, from_dict, to_dict
 from pipelines.config import (MLflowConfig, RayConfig, add_print_config, config_hash, load_config,
                               path_field)
 
@@ -96,21 +96,55 @@ class TrainJobConfig:
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def __post_init__(self):
+        check_job(self)  # combinations across sections, refused when the config is read
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; training stopped instead of continuing on garbage."""
 
 
 def load_train_config(path=None, overrides=()) -> TrainJobConfig:
-    """YAML + overrides; a `preset:` fills the model section under whatever the file sets."""
-    cfg = load_config(TrainJobConfig, path, overrides)
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise ConfigError(f"preset={cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-        cfg = load_config(TrainJobConfig, path, overrides, base={"model": dict(PRESETS[cfg.preset])})
+    """YAML + overrides; a `preset:` fills the model section under whatever the file sets.
+
+    `flowar train --print-config`, `flowar train`, sweeps and the quickstart all read the job
+    here, so each refuses the same configs with the same message: every section's own checks
+    (the dataclasses' `__post_init__`) and the combinations of `check_job`. Needs no I/O.
+    What needs I/O is checked by `run_training` before any Ray or MLflow work: the dataset's
+    metadata against the model (`check_dataset`, reads metadata.json), the MLflow store, and
+    train.device=cuda against the Ray cluster's GPUs."""
+    # The preset is read first, so the config is built (and checked) once, with the preset's
+    # model under the file's: checked with the default model, a message would quote widths
+    # the job does not have.
+    preset = _preset_name(path, overrides)
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    cfg = load_config(TrainJobConfig, path, overrides,
+                      base={"model": dict(PRESETS[preset])} if preset else None)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: name a latent dataset written by `flowar encode`")
     return cfg
+
+
+def _preset_name(path, overrides) -> str:
+    """`preset` of the file + overrides, before the config is built (load_config reports any
+    unreadable file or malformed override itself)."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.config import apply_overrides, parse_overrides
+
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            data = {}
+    data = data if isinstance(data, dict) else {}
+    tree = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+    preset = apply_overrides(data, tree).get("preset")
+    return "" if preset is None else str(preset)
 
 
 def run_name(cfg: TrainJobConfig) -> str:
@@ -126,14 +160,20 @@ def storage_path(cfg: TrainJobConfig) -> str:
 
 
 def check_job(cfg: TrainJobConfig) -> None:
-    """What the workers would only discover late (at the first sample grid): check it now."""
-    from flowar.sampling import time_grid
+    """Combinations across sections, which no section's own `__post_init__` can see.
 
-    time_grid(cfg.sampler.num_steps, cfg.sampler.time_grid)  # ConfigError for impossible grids
-    bad = [c for c in cfg.train.sample_classes if not 0 <= c < cfg.model.num_classes]
+    Runs when the config is built (`TrainJobConfig.__post_init__`), so `--print-config`, sweeps
+    and the run refuse them alike, instead of the first sample grid (mid-training, then retried
+    train.max_failures times by Ray). The sampler's own impossible time grids are SamplerConfig's."""
+    model, sampler, train = cfg.model, cfg.sampler, cfg.train
+    if model.objective == "diffusion" and sampler.solver != "euler":
+        # the same refusal as FlowAR.generate's, which the sample grids would meet
+        raise ConfigError(f"sampler.solver={sampler.solver!r} needs model.objective='flow'; "
+                          "model.objective='diffusion' samples with DDIM (leave sampler.solver=euler)")
+    bad = [c for c in train.sample_classes if not 0 <= c < model.num_classes]
     if bad:
         raise ConfigError(f"train.sample_classes {bad} are outside [0, model.num_classes="
-                          f"{cfg.model.num_classes})")
+                          f"{model.num_classes})")
 
 
 def check_dataset(cfg: TrainJobConfig):
@@ -170,6 +210,7 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     `callbacks` (Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs this)
     and `resources_per_worker` (e.g. {"CPU": 2}) are passed to the trainer as they are.
     """
+    from_dict(TrainJobConfig, to_dict(cfg))  # every config check again: cfg may have been edited
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -178,7 +219,6 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     from pipelines.latents import ray_dataset
     from pipelines.train_loop import train_loop_per_worker
 
-    check_job(cfg)
     meta = check_dataset(cfg)
     name = run_name(cfg)
     uri = cfg.mlflow.resolved_uri()

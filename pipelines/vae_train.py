@@ -33,6 +33,17 @@ class VAEModelSection:
     latent_channels: int = 4
     norm_num_groups: int = 32
 
+    def __post_init__(self):
+        if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
+            raise ConfigError(f"model.block_out_channels={self.block_out_channels}: need at least "
+                              "one level, each with at least 1 channel")
+        for name in ("layers_per_block", "latent_channels", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be at least 1")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError(f"model.block_out_channels={self.block_out_channels} must be multiples "
+                              f"of model.norm_num_groups={self.norm_num_groups}")
+
 
 @dataclass
 class VAETrainSection:
@@ -44,6 +55,15 @@ class VAETrainSection:
     seed: int = 0
     log_every: int = 50
     image_every: int = 500  # reconstruction grid every N steps (and at the end)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "num_workers", "log_every", "image_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be more than 0")
+        if self.kl_weight < 0:
+            raise ConfigError(f"train.kl_weight={self.kl_weight} must not be negative")
 
 
 @dataclass
@@ -57,16 +77,26 @@ class VAETrainConfig:
     mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(experiment="flowar-vae"))
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def __post_init__(self):
+        """Every check that needs only the config, so `flowar vae train --print-config` refuses
+        what the run would. Left to the run (they read the data): the source's listing
+        (source.*) and whether it holds any image that decodes."""
+        if not self.output:
+            raise ConfigError("output is empty: give the folder to save the VAE in (local path or URI)")
+        check_resolution(self.model, self.resolution)
+
+
+def check_resolution(model: VAEModelSection, resolution: int) -> None:
+    n = len(model.block_out_channels)
+    if resolution < 1 or resolution % 2 ** (n - 1):
+        raise ConfigError(f"resolution={resolution} is not a positive multiple of the downsampling "
+                          f"2^{n - 1} of model.block_out_channels={model.block_out_channels}")
+
 
 def build_vae(model: VAEModelSection, resolution: int):
     from diffusers import AutoencoderKL
+    check_resolution(model, resolution)  # the sections' own checks ran when they were built
     n = len(model.block_out_channels)
-    if n < 1 or resolution % 2 ** (n - 1):
-        raise ConfigError(f"model.block_out_channels={model.block_out_channels}: resolution "
-                          f"{resolution} is not divisible by the downsampling 2^{n - 1}")
-    if any(c % model.norm_num_groups for c in model.block_out_channels):
-        raise ConfigError(f"model.block_out_channels={model.block_out_channels} must be multiples "
-                          f"of model.norm_num_groups={model.norm_num_groups}")
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                          up_block_types=["UpDecoderBlock2D"] * n,
                          block_out_channels=list(model.block_out_channels),
@@ -197,14 +227,10 @@ def _images_dataset(cfg: VAETrainConfig, ray):
 
 def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
     """Train (or reuse) the VAE at cfg.output; returns the output location."""
+    from flowar.config import from_dict, to_dict
     from pipelines import mlflow_utils
 
-    if not cfg.output:
-        raise ConfigError("output is empty: give the folder to save the VAE in (local path or URI)")
-    for name in ("steps", "batch_size", "num_workers", "log_every", "image_every"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(cfg.train, name)} must be at least 1")
-    build_vae(cfg.model, cfg.resolution)  # config errors before any work
+    from_dict(VAETrainConfig, to_dict(cfg))  # every config check again: cfg may have been edited
     if storage.exists(storage.join(cfg.output, "config.json")) and not cfg.overwrite:
         print(f"flowar vae train: reusing the VAE at {storage.display(cfg.output)} "
               "(set overwrite=true to train again)", file=sys.stderr)
@@ -222,7 +248,6 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from flowar.config import to_dict
         dataset = _images_dataset(cfg, ray)
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.num_workers
         trainer = TorchTrainer(
