@@ -232,6 +232,9 @@ def test_shared_storage_and_mlflow_reachable_from_every_ray_pod():
                 uri = env["MLFLOW_TRACKING_URI"]["value"]
                 host, port = re.fullmatch(r"http://([\w-]+):(\d+)", uri).groups()
                 assert int(port) in [p["port"] for p in services[host]["spec"]["ports"]], uri
+                # outputs a submitted job is not given land on the shared volume, not in the
+                # job's working dir (pipelines/submit.py reads this from a job driver)
+                assert env["FLOWAR_HOME"]["value"].startswith("/mnt/cluster_storage/"), name
                 assert env["RAY_AUTH_MODE"]["value"] == "token"
                 assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "flowar-ray-token"
 
@@ -302,8 +305,13 @@ def test_launcher_yaml_passes_rays_schema(provider):
     assert gpu and all(t["min_workers"] <= t["max_workers"] <= raw["max_workers"] for t in gpu)
     assert re.fullmatch(rf"rayproject/ray:{re.escape(RAY_VERSION)}-py3\d+-cu\d+", raw["docker"]["image"])
     head = " ".join(raw["head_start_ray_commands"])
+    worker = " ".join(raw["worker_start_ray_commands"])
     assert "--num-cpus=0" in head and "--dashboard-host=127.0.0.1" in head
-    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in " ".join(raw["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in worker
+    # Jobs log to the head's MLflow server. No FLOWAR_HOME: the nodes share no filesystem, so
+    # flowar submit refuses outputs left at a FLOWAR_HOME default (names the key to give).
+    assert "MLFLOW_TRACKING_URI=http://" in head and "MLFLOW_TRACKING_URI=http://" in worker
+    assert "FLOWAR_HOME" not in head + worker
     mounts = raw["file_mounts"]
     assert (ROOT / mounts["/home/ray/flowar"]).resolve() == ROOT  # `ray up` runs from the repo root
     assert "pip install -q -e /home/ray/flowar" in " ".join(raw["setup_commands"])
@@ -324,12 +332,17 @@ def test_local_recipe_and_readme():
     text = script.read_text()
     assert "--num-cpus=0" in text and "--dashboard-host=127.0.0.1" in text
     assert "\n    ray stop" not in text and '"$BIN/ray" stop' not in text  # never kill other clusters
+    # every node inherits where jobs write from `ray start` (tests/test_submit.py runs a job)
+    exported = text.index('export FLOWAR_HOME="$HOME_DIR" MLFLOW_TRACKING_URI="$TRACKING"')
+    assert exported < text.index('"$BIN/ray" start --head')
     readme = (CLUSTERS / "README.md").read_text()
     for needle in ("kubectl port-forward svc/flowar-head-svc 8265:8265",
                    "kubectl port-forward svc/flowar-mlflow 5000:5000",
                    "kubectl create secret generic flowar-ray-token",
                    "kubectl create secret generic flowar-postgres", "flowar submit", "flowar jobs"):
         assert needle in readme, needle
+    words = " ".join(readme.replace("**", "").split())
+    assert "for `flowar submit` a relative path means relative to the uploaded working directory" in words
 
 
 # ---------------------------------------------------------------------------- storage helpers

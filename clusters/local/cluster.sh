@@ -15,7 +15,7 @@
 # Token auth: the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token (made if none).
 #
 # Where jobs write: every node gets FLOWAR_HOME (absolute) and MLFLOW_TRACKING_URI (this
-# cluster's MLflow server, else sqlite:////<FLOWAR_HOME>/mlflow.db) in its environment, so job
+# cluster's MLflow server, else sqlite:///$FLOWAR_HOME/mlflow.db) in its environment, so job
 # outputs left at their defaults land there, not in the job's working directory (Ray's temp
 # copy of the upload, deleted later). `start` and `status` print both; they are also in
 # <FLOWAR_RAY_TEMP>/cluster.env.
