@@ -112,11 +112,15 @@ class FlowARConfig:
 
 
 def validate_scales(scales: tuple[int, ...], latent_size: int | None = None) -> None:
-    """Scales must be positive, strictly increasing, and end at the latent's side."""
+    """Scales must be positive, strictly increasing, start at 1 and end at the latent's side."""
     if len(scales) < 1 or any(s < 1 for s in scales):
         raise ConfigError(f"model.scales={scales}: need at least one positive scale")
     if any(b <= a for a, b in zip(scales, scales[1:])):
         raise ConfigError(f"model.scales={scales}: scales must be strictly increasing, coarse to fine")
+    if scales[0] != 1:
+        # The AR sequence opens with the class token, which is the whole first scale's input.
+        raise ConfigError(f"model.scales={scales}: the first scale must be 1 (the class token "
+                          "is the 1x1 scale's input)")
     if latent_size is not None and scales[-1] != latent_size:
         raise ConfigError(f"model.scales={scales} ends at {scales[-1]}, but the latent is "
                           f"{latent_size}x{latent_size}: the last scale must be the latent's size")
