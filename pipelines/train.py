@@ -199,7 +199,8 @@ def _use_gpu(cfg: TrainJobConfig) -> bool:
 
 def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset=None,
                  fault: dict | None = None,
-                 callbacks=(), resources_per_worker: dict | None = None):
+                 callbacks=(), resources_per_worker: dict | None = None,
+                 progress: bool | None = None):
     """Train (or resume) and return the Ray `Result`.
 
     `dataset`: the latent dataset of `cfg.data.path` already read as a materialised Ray Dataset,
@@ -209,6 +210,10 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
 
     `callbacks` (Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs this)
     and `resources_per_worker` (e.g. {"CPU": 2}) are passed to the trainer as they are.
+
+    `progress`: show step/total, loss, images/s and time left on stderr while fit() runs
+    (pipelines.progress: a bar on a terminal, a line per train.log_every otherwise), read from
+    what rank 0 logs to MLflow. None: on, except inside a Tune trial (Tune reports those).
     """
     from_dict(TrainJobConfig, to_dict(cfg))  # every config check again: cfg may have been edited
     import ray
@@ -255,8 +260,14 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
         # (train_data.py): Ray's streaming split is not reproducible, exact resume needs that.
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
+    from pipelines.progress import follow
+
+    show = progress if progress is not None else not _in_tune_trial()
     try:
-        result = trainer.fit()
+        with follow(uri, run_id, enabled=show, total=cfg.train.max_steps or None,
+                    images_per_step=cfg.train.global_batch_size, log_every=cfg.train.log_every,
+                    desc="train"):
+            result = trainer.fit()
     except Exception:
         # A sweep trial that Tune stops (ASHA) lands here too, possibly after the sweep driver
         # has closed its run as FINISHED: only a real failure may mark the run FAILED.
@@ -271,6 +282,15 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
         raise TrainingDiverged(stopped or "the loss became NaN or inf")
     mlflow_utils.end_run(uri, run_id, "FINISHED")
     return result
+
+
+def _in_tune_trial() -> bool:
+    try:
+        from ray.train._internal.session import get_session
+
+        return get_session() is not None
+    except Exception:
+        return False
 
 
 def tune_is_stopping_this_trial() -> bool:

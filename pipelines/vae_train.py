@@ -257,7 +257,13 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
             run_config=ray.train.RunConfig(name=f"vae-train-{run_id[:8]}-{uuid.uuid4().hex[:4]}",
                                            storage_path=cfg.ray.storage_path or str(flowar_home() / "ray_results")),
             datasets={"train": dataset})
-        result = trainer.fit()
+        from pipelines.progress import follow
+
+        # step/total, loss, images/s and time left from rank 0's MLflow metrics while fit() runs
+        with follow(uri, run_id, total=cfg.train.steps, log_every=cfg.train.log_every,
+                    images_per_step=cfg.train.batch_size * cfg.train.num_workers,
+                    desc="vae train"):
+            result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             if cfg.overwrite and storage.exists(cfg.output):
                 fs, path = storage.resolve(cfg.output)
