@@ -39,7 +39,7 @@ SMALL = {
 RUN_ELSEWHERE = {
     "import": "needs the released FlowAR-S.pth and kl16.ckpt; tests/test_import.py runs it on "
               "the golden stand-ins",
-    "submit": "needs a cluster; tests/test_clusters.py submits to clusters/local/cluster.sh",
+    "submit": "needs a cluster; tests/test_submit.py submits to clusters/local/cluster.sh",
 }
 EXPERIMENT = {"vae": "flowar-vae", "train": "flowar-quickstart", "sweep": "flowar-sweeps"}
 
