@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 ranks on 2 cores
     # The timeout turns a collective one rank left behind into an error instead of a hang.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=120))
     results, out = {}, Path(out_dir) / f"rank{rank}.json"
     for strategy in STRATEGIES:
         for name, overrides in CASES.items():
