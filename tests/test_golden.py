@@ -33,7 +33,10 @@ def test_velocities_and_losses_match(golden):
     start = 0
     for k, side in enumerate(model.config.scales):
         v = model.velocity(tr["x_t"][k], tr["t"][k], sem[:, start:start + side * side])
-        torch.testing.assert_close(v, tr["velocity"][k], rtol=1e-5, atol=1e-5)
+        # float32 rounding: the vectors were recorded on another CPU, and torch's CPU kernels
+        # sum in a different order per instruction set (AVX-512 vs AVX2). On an AMD EPYC one
+        # element of 8192 of the cross-attention block's finest scale differs by 1.2e-5.
+        torch.testing.assert_close(v, tr["velocity"][k], rtol=1e-5, atol=3e-5)
         start += side * side
     total, per_scale = model.loss(d["latents"], d["labels"], t=tr["t"], noise=tr["noise"])
     torch.testing.assert_close(torch.stack(per_scale), tr["scale_loss"], rtol=1e-5, atol=1e-6)
