@@ -140,7 +140,8 @@ class SamplerConfig:
         """Also the grids flowar.sampling.time_grid cannot build (same messages), so a sampler
         that cannot sample is refused when the config is read, not at the first sample grid.
         Combinations with the model (objective=diffusion needs solver=euler) are checked where
-        both sections meet: the train job's config (pipelines.train.check_job) and generate()."""
+        both meet, by `check_sampler_fits`: the train job's config, evaluate's and sample's
+        (against the checkpoint's config.json) and generate()."""
         if self.num_steps < 1:
             raise ConfigError(f"sampler.num_steps={self.num_steps}: need at least one step")
         if self.time_grid == "published" and self.num_steps < 4:
@@ -152,6 +153,14 @@ class SamplerConfig:
             raise ConfigError(f"sampler.guidance_low={self.guidance_low}, sampler.guidance_high="
                               f"{self.guidance_high}: the guidance interval must satisfy "
                               "0 <= low <= high <= 1")
+
+
+def check_sampler_fits(objective: str, sampler: SamplerConfig) -> None:
+    """The one check of a sampler against a model: the diffusion objective samples with DDIM,
+    which has no heun or sde variant. Train, evaluate, sample and generate() all call it."""
+    if objective == "diffusion" and sampler.solver != "euler":
+        raise ConfigError(f"sampler.solver={sampler.solver!r} needs model.objective='flow'; "
+                          "model.objective='diffusion' samples with DDIM (leave sampler.solver=euler)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from torch import nn
 
 from . import pyramid
 from .ar import ScaleAR
-from .config import ConfigError, FlowARConfig, SamplerConfig, from_dict, preset_config, to_dict
+from .config import (ConfigError, FlowARConfig, SamplerConfig, check_sampler_fits, from_dict,
+                     preset_config, to_dict)
 from .flownet import FlowNet
 from .layers import KVCache
 from .objective import noisy_input_and_target, sample_time, scale_weights
@@ -132,9 +133,7 @@ class FlowAR(nn.Module):
                                            guidance_high=guidance_high).items() if v is not None}
         conf = from_dict(SamplerConfig, {**to_dict(conf), **overrides}, "sampler")
         mc = self.config
-        if mc.objective == "diffusion" and conf.solver != "euler":
-            raise ConfigError(f"sampler.solver={conf.solver!r} needs model.objective='flow'; the "
-                              "diffusion objective samples with DDIM (leave solver=euler)")
+        check_sampler_fits(mc.objective, conf)
         device, dtype = self.ar.pos_embed.device, self.ar.pos_embed.dtype
         if labels is None:
             if num_samples is None:

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"flowar {args.command}: configuration error: {e}", file=sys.stderr)
+        job = " ".join(filter(None, [args.command, getattr(args, "vae_command", None)]))
+        print(f"flowar {job}: configuration error: {e}", file=sys.stderr)
         return 2
 
 

@@ -280,7 +280,20 @@ def _load(args) -> EvalConfig:
     path = args.config
     if path and "=" in path and not Path(path).is_file():  # only overrides were given
         overrides, path = [path] + overrides, None
-    return load_config(EvalConfig, path, overrides)
+    cfg = load_config(EvalConfig, path, overrides)
+    check_sampler_for_export(cfg.generation.checkpoint, cfg.sampler)
+    return cfg
+
+
+def check_sampler_for_export(checkpoint: str, sampler: SamplerConfig) -> None:
+    """The exported model decides which samplers work: refuse a misfit when the config is read
+    (reads the export's config.json; a missing one is refused by the run itself)."""
+    from flowar.config import check_sampler_fits
+
+    config_file = Path(checkpoint) / "config.json"
+    if config_file.is_file():
+        model = json.loads(config_file.read_text()).get("model") or {}
+        check_sampler_fits(model.get("objective", "flow"), sampler)
 
 
 def _cli(args) -> int:

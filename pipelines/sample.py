@@ -80,6 +80,7 @@ def _cli(args) -> int:
     from PIL import Image
 
     from pipelines.eval_run import grid_png
+    from pipelines.evaluate import check_sampler_for_export
 
     @dataclass
     class _SamplerOnly:  # the sampler section of any config, the rest ignored
@@ -93,6 +94,7 @@ def _cli(args) -> int:
     if bad:
         raise ConfigError(f"flowar sample takes only sampler.* overrides, got {bad}")
     sampler = load_config(_SamplerOnly, None, args.overrides, base=base).sampler
+    check_sampler_for_export(args.checkpoint, sampler)
     if args.per_class < 1:
         raise ConfigError(f"--per-class={args.per_class}: need at least 1")
     classes = None

@@ -45,6 +45,13 @@ class SourceConfig:
     label_column: str = "label"  # parquet only
     key_column: str = "key"  # parquet only; when absent, keys are <file>/<row>
 
+    def __post_init__(self):
+        if self.kind != "fashion-mnist" and not self.path:
+            raise ConfigError(f"source.path is empty: source.kind={self.kind} needs the folder, "
+                              "shard directory or URI to read")
+        if self.limit < 0:
+            raise ConfigError(f"source.limit={self.limit} must not be negative (0 keeps all)")
+
 
 # ------------------------------------------------------------------------------------------------
 # Listing (driver)

@@ -17,7 +17,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flowar.config import PRESETS, ConfigError, FlowARConfig, SamplerConfig, from_dict, to_dict
+from flowar.config import (PRESETS, ConfigError, FlowARConfig, SamplerConfig, check_sampler_fits,
+                           from_dict, to_dict)
 from pipelines.config import (MLflowConfig, RayConfig, add_print_config, config_hash, load_config,
                               path_field)
 
@@ -166,10 +167,7 @@ def check_job(cfg: TrainJobConfig) -> None:
     and the run refuse them alike, instead of the first sample grid (mid-training, then retried
     train.max_failures times by Ray). The sampler's own impossible time grids are SamplerConfig's."""
     model, sampler, train = cfg.model, cfg.sampler, cfg.train
-    if model.objective == "diffusion" and sampler.solver != "euler":
-        # the same refusal as FlowAR.generate's, which the sample grids would meet
-        raise ConfigError(f"sampler.solver={sampler.solver!r} needs model.objective='flow'; "
-                          "model.objective='diffusion' samples with DDIM (leave sampler.solver=euler)")
+    check_sampler_fits(model.objective, sampler)  # the same refusal as FlowAR.generate's
     bad = [c for c in train.sample_classes if not 0 <= c < model.num_classes]
     if bad:
         raise ConfigError(f"train.sample_classes {bad} are outside [0, model.num_classes="
@@ -321,6 +319,14 @@ def _tags(cfg: TrainJobConfig, meta) -> dict[str, str]:
             "git_commit": git_commit()}
 
 
+def _load_and_check_dataset(args) -> TrainJobConfig:
+    """What `--print-config` shows: the config, refused exactly as the run would refuse it,
+    the dataset's metadata included (reads metadata.json, nothing else)."""
+    cfg = load_train_config(args.config, args.overrides)
+    check_dataset(cfg)
+    return cfg
+
+
 def _main(args) -> int:
     cfg = load_train_config(args.config, args.overrides)
     try:
@@ -347,4 +353,4 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.max_steps=200 model.scales=[1,2,4]")
     p.set_defaults(func=_main)
-    add_print_config(p, lambda a: load_train_config(a.config, a.overrides))
+    add_print_config(p, _load_and_check_dataset)

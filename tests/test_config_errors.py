@@ -258,7 +258,7 @@ def test_vae_train_refuses_at_config_read_print_config_and_run(case, tmp_path, h
     args = [f"output={out}", *overrides]
     message = refused(load_config, VAETrainConfig, VAE, args)
     assert_names(message, keys)
-    expected = f"flowar vae: configuration error: {message}\n"
+    expected = f"flowar vae train: configuration error: {message}\n"
     assert cli(capsys, "vae", "train", VAE, *args, "--print-config") == (2, expected)
     assert cli(capsys, "vae", "train", VAE, *args) == (2, expected)
     assert not out.exists() and not home.exists()
@@ -274,3 +274,49 @@ def test_run_vae_train_refuses_an_edited_config_before_mlflow(tmp_path, home):
     assert message == refused(load_config, VAETrainConfig, VAE, [f"output={tmp_path / 'vae'}",
                                                                  "resolution=30"])
     assert not home.exists()
+
+
+# ------------------------------------------------------------------ flowar evaluate, flowar sample
+
+@pytest.fixture(scope="module")
+def diffusion_export(tmp_path_factory):
+    """A tiny model folder trained with the diffusion objective (it samples with DDIM only)."""
+    from flowar import FlowAR
+
+    out = tmp_path_factory.mktemp("diffusion") / "export"
+    FlowAR.from_preset("tiny", objective="diffusion").save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("solver", ["heun", "sde"])
+def test_evaluate_and_sample_refuse_a_sampler_the_export_cannot_use(solver, diffusion_export,
+                                                                    home, tmp_path, capsys):
+    """The export's objective is read from its config.json when the config is read, so neither
+    --print-config nor the run gets to generate() with it."""
+    from pipelines.evaluate import EvalConfig, check_sampler_for_export
+    from pipelines.config import load_config
+
+    cfg = load_config(EvalConfig, ROOT / "configs" / "eval-quickstart.yaml",
+                      [f"generation.checkpoint={diffusion_export}", f"sampler.solver={solver}"])
+    message = refused(check_sampler_for_export, cfg.generation.checkpoint, cfg.sampler)
+    assert_names(message, [f"sampler.solver='{solver}'", "model.objective='diffusion'"])
+    args = [ROOT / "configs" / "eval-quickstart.yaml", f"generation.checkpoint={diffusion_export}",
+            f"sampler.solver={solver}"]
+    expected = f"flowar evaluate: configuration error: {message}\n"
+    assert cli(capsys, "evaluate", *args, "--print-config") == (2, expected)
+    assert cli(capsys, "evaluate", *args) == (2, expected)
+    out = tmp_path / "grid.png"
+    assert cli(capsys, "sample", diffusion_export, f"sampler.solver={solver}", "--out", out) == (
+        2, f"flowar sample: configuration error: {message}\n")
+    assert not out.exists() and not home.exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet", "webdataset"])
+def test_a_source_without_a_path_is_refused_at_read(kind, home, capsys):
+    from pipelines.encode import load_encode_config
+
+    args = [ENCODE, f"source.kind={kind}", "source.path="]
+    message = refused(load_encode_config, ENCODE, args[1:])
+    assert_names(message, ["source.path", f"source.kind={kind}"])
+    assert cli(capsys, "encode", *args, "--print-config") == (
+        2, f"flowar encode: configuration error: {message}\n")

@@ -122,7 +122,9 @@ def test_print_config_shows_the_resolved_paths(user_dir, capsys):
     import yaml
 
     from pipelines.cli import main
+    from test_train import make_dataset
 
+    make_dataset(user_dir / "lat", count=8, side=8)  # print-config checks the dataset, as the run does
     assert main(["train", str(ROOT / "configs" / "quickstart.yaml"), "data.path=./lat",
                  "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

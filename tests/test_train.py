@@ -225,7 +225,13 @@ def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_pat
     from pipelines.cli import main
     from pipelines.train import load_train_config
 
-    args = [str(TINY), f"data.path={dataset}", "model.scale_construction=image",
+    # A dataset without image-derived scales is refused as the run refuses it...
+    refused = [str(TINY), f"data.path={dataset}", "model.scale_construction=image"]
+    assert main(["train", *refused, "--print-config"]) == 2
+    assert "encode.image_pyramid=[1, 2]" in capsys.readouterr().err
+    # ...and one that has them prints.
+    with_scales = make_dataset(tmp_path / "image-scales", count=16, image_scales=(1, 2))
+    args = [str(TINY), f"data.path={with_scales}", "model.scale_construction=image",
             f"ray.storage_path={tmp_path / 'ray_results'}"]
     assert main(["train", *args, "--print-config"]) == 0
     printed = capsys.readouterr().out
