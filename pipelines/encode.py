@@ -166,6 +166,9 @@ def check_vae_geometry(cfg: EncodeConfig, downsample: int) -> int:
     return latent_size
 
 
+HOLD_ENV = "FLOWAR_TEST_ENCODE_HOLD_AFTER_PARTS"
+
+
 class LatentWriter:
     """Actor: loads the VAE once, encodes batches of cropped images, writes them as parts."""
 
@@ -209,6 +212,17 @@ class LatentWriter:
             cols[f"mean_s{side}"] = F.interpolate(cols["mean"], size=(side, side), mode="area")
         return {k: v.to(dtype).numpy() for k, v in cols.items()}
 
+    def _hold_if_asked(self) -> None:
+        """Test hook (HOLD_ENV=N): after this actor's N-th part, write nothing more until the
+        job is killed, so a kill test finds exactly N parts however loaded the machine is."""
+        import os
+        import threading
+
+        self.parts_written = getattr(self, "parts_written", 0) + 1
+        hold = os.environ.get(HOLD_ENV, "")
+        if hold and self.parts_written >= int(hold):
+            threading.Event().wait()  # until the kill
+
     def __call__(self, batch: dict) -> dict:
         import numpy as np
         summary = {k: [] for k in ("shard", "start", "end", "images", "rejects", "bytes")}
@@ -228,6 +242,7 @@ class LatentWriter:
                         "reason": str(batch["reason"][i])} for i in bad]
             s, a, b = int(batch["shard"][run[0]]), int(batch["index"][run[0]]), int(batch["index"][run[-1]]) + 1
             nbytes = latents.write_part(self.out, s, a, b, cols, rejects, self.meta)
+            self._hold_if_asked()
             for k, v in (("shard", s), ("start", a), ("end", b), ("images", len(ok)),
                          ("rejects", len(bad)), ("bytes", nbytes)):
                 summary[k].append(v)
