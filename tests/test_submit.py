@@ -147,7 +147,7 @@ def test_cli_registers_submit_and_jobs():
     ("tracking_uri", "postgresql://u@db/mlflow", False), ("tracking_uri", "databricks", False),
 ])
 def test_which_outputs_would_land_in_the_jobs_working_dir(kind, value, relative):
-    from pipelines.submit import lands_in_working_dir
+    from pipelines.submit_outputs import lands_in_working_dir
 
     assert lands_in_working_dir(kind, value) is relative
 
@@ -200,7 +200,7 @@ def test_defaulted_outputs_need_the_clusters_settings():
     URI: MLFLOW_TRACKING_URI, else sqlite under FLOWAR_HOME). Unset or relative there: refused,
     naming the keys and the setting; set: pinned in the job's env. --env values win and spare
     asking the cluster; outputs that are given, or that a job never writes, need nothing."""
-    from pipelines.submit import SubmitError, cluster_settings_for, job_outputs
+    from pipelines.submit_outputs import SubmitError, cluster_settings_for, job_outputs
 
     train = job_outputs("train", ["configs/train-tiny.yaml", "data.path=/d"], ROOT)
     assert {o.key: o.needs for o in train if o.needs} == {
@@ -360,7 +360,8 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
 @pytest.mark.ray
 def test_the_cluster_tells_submit_where_outputs_go(cluster):
     """The settings probe reads what the recipe gave every node, and leaves no job behind."""
-    from pipelines.submit import ask_cluster_settings, make_client
+    from pipelines.submit import make_client
+    from pipelines.submit_outputs import ask_cluster_settings
 
     client = make_client(cluster["address"])
     before = {j.submission_id for j in client.list_jobs()}
