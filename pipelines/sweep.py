@@ -6,11 +6,18 @@ checkpoint's report). MLflow gets one parent run per sweep and one nested child 
 (tag `mlflow.parentRunId`); the child is the training run itself, so it holds the trial's full
 config as params, the training curves, and tags naming the sweep and the axis values.
 
-Driver-side bookkeeping (`SweepCallback`): a trial stopped by ASHA is killed without running any
-of its own code, so the driver closes its child run (FINISHED, tag trial_status=STOPPED_EARLY);
-a failed trial's child run is FAILED with the error as tag and artefact. Resume: `--resume`
-restores the Tune experiment (same storage path and name); finished trials are kept, unfinished
-ones restart and their Train runs continue from their last checkpoint.
+Paths: the driver reads the base config once (`sweep_config.resolved_bases`: paths absolute
+against the user's directory, the default MLflow store and Ray storage filled) and hands trials
+that dict; a trial only adds its axis values. A trial runs in Ray's per-trial directory, where
+re-reading the files would resolve ./relative paths and ./flowar-runs somewhere else.
+
+Statuses are the driver's (`trial_status`, from Tune's record): a trial stopped by ASHA is killed
+without running any of its own code, so the driver closes its child run (FINISHED, tag
+trial_status=STOPPED_EARLY, or COMPLETED when its last report carries the export); a failed
+trial's child run is FAILED with the error as tag and artefact. The callback does this as trials
+end, `settle_trials` once more after the sweep, and the summary writes what it settled.
+Resume: `--resume` restores the Tune experiment (same storage path and name); finished trials
+are kept, unfinished ones restart and their Train runs continue from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -41,20 +48,25 @@ def _axis_tags(params: dict) -> dict[str, str]:
 # ----------------------------------------------------------------------------- the trial (Tune)
 
 def run_trial(params: dict, ctx: dict) -> None:
-    """One trial: a full `flowar train` run whose MLflow run is a child of the sweep's run."""
+    """One trial: a full `flowar train` run whose MLflow run is a child of the sweep's run.
+
+    Its config is the driver's resolved base plus its axis values (sweep_config.trial_config):
+    a trial runs in Ray's per-trial directory, so it must not read files or fill defaults itself.
+    Its status (COMPLETED, STOPPED_EARLY) is the driver's to write: only the driver knows
+    whether Tune stopped it."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import mlflow_utils
-    from pipelines.sweep_config import SweepConfig, build_trial_config
+    from pipelines.sweep_config import SweepConfig, trial_config
     from pipelines.train import run_training, tune_is_stopping_this_trial
     from flowar.config import from_dict
 
     sweep = from_dict(SweepConfig, ctx["sweep"])
     trial_id = tune.get_context().get_trial_id()
     name = child_run_name(sweep.name, trial_id)
-    cfg = build_trial_config(sweep, ctx["base"], [*ctx["cli_overrides"], f"mlflow.run_name={name}",
-                                                  f"ray.storage_path={ctx['trials_dir']}"], params)
+    cfg = trial_config(sweep, ctx["bases"], params, [f"mlflow.run_name={name}",
+                                                     f"ray.storage_path={ctx['trials_dir']}"])
     uri = cfg.mlflow.resolved_uri()
     # Created here, before run_training, so the run is a nested child from its first moment;
     # run_training finds it by name and keeps logging to it (also when a resumed trial restarts).
@@ -76,24 +88,73 @@ def run_trial(params: dict, ctx: dict) -> None:
         if not tune_is_stopping_this_trial():  # a trial Tune stops (ASHA) is closed by the driver
             _record_failure(client, run_id, f"{type(e).__name__}: {e}", traceback.format_exc())
         raise
-    client.set_tag(run_id, "trial_status", "COMPLETED")
 
 
-def close_stopped_child(client, run, last_result: dict) -> str:
-    """Close the child run of a trial Tune ended without error; return its trial_status.
+# ------------------------------------------------------- trial bookkeeping (driver side only)
 
-    Tune stops trials by killing them (ASHA, and every trial at max_t), so their own code may
-    have left the run RUNNING, or FAILED from the abort. The loop's last report carries
-    export_dir only once all steps are done: that tells a completed trial from an early stop."""
-    status = "COMPLETED" if "export_dir" in (last_result or {}) else "STOPPED_EARLY"
+def ended_status(last_result: dict | None) -> str:
+    """The status of a trial Tune ended without error. Tune ends trials by killing them (ASHA,
+    and every trial at max_t); the loop's last report carries export_dir only once all steps
+    are done, which tells a completed trial from one the scheduler stopped early."""
+    return "COMPLETED" if "export_dir" in (last_result or {}) else "STOPPED_EARLY"
+
+
+def trial_status(trial) -> str:
+    """COMPLETED, STOPPED_EARLY or FAILED from Tune's own record of the trial (its child run may
+    be in any state: a killed trial cannot close it); Tune's status for a trial that never ended
+    (e.g. PENDING when the driver was stopped)."""
+    if trial.status == "ERROR":
+        return "FAILED"
+    if trial.status == "TERMINATED":
+        return ended_status(trial.last_result)
+    return trial.status
+
+
+def find_child(client, experiment_id: str | None, sweep_name: str, trial_id: str):
+    """The trial's MLflow child run (found by name: it exists before its tags), or None."""
+    if experiment_id is None:
+        return None
+    runs = client.search_runs([experiment_id], "tags.`mlflow.runName` = "
+                              f"'{child_run_name(sweep_name, trial_id)}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def close_child(client, run, status: str) -> None:
+    """Make the child run say what happened to its trial (tag trial_status, run status)."""
     tags = run.data.tags
+    if status == "FAILED":
+        if run.info.status == "RUNNING":  # else the trial recorded its own error
+            _record_failure(client, run.info.run_id, "trial failed (see Tune's error file)", "")
+        elif tags.get("trial_status") != "FAILED":
+            client.set_tag(run.info.run_id, "trial_status", "FAILED")
+        return
+    if status not in ("COMPLETED", "STOPPED_EARLY"):
+        return  # never ended: a resumed sweep continues it
     if tags.get("trial_status") == status and run.info.status == "FINISHED" and "error" not in tags:
-        return status
+        return
     client.set_tag(run.info.run_id, "trial_status", status)
-    if "error" in tags:
+    if "error" in tags:  # the abort of a stopped trial, not a failure
         client.delete_tag(run.info.run_id, "error")
     client.set_terminated(run.info.run_id, status="FINISHED")
-    return status
+
+
+def settle_trials(results, uri: str, experiment: str, sweep_name: str) -> list[dict]:
+    """After `Tuner.fit`: every trial's status from Tune, its child run closed to match, its run
+    id. One dict per trial in trial order: trial_id, config, last_result, status, run_id."""
+    from pipelines import mlflow_utils
+
+    c = mlflow_utils.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    settled = []
+    for trial in sorted(results._experiment_analysis.trials, key=lambda t: t.trial_id):
+        status = trial_status(trial)
+        run = find_child(c, exp.experiment_id if exp else None, sweep_name, trial.trial_id)
+        if run is not None:
+            close_child(c, run, status)
+        settled.append({"trial_id": trial.trial_id, "config": dict(trial.config),
+                        "last_result": dict(trial.last_result or {}), "status": status,
+                        "run_id": run.info.run_id if run else ""})
+    return settled
 
 
 def _record_failure(client, run_id: str, message: str, details: str) -> None:
@@ -102,7 +163,8 @@ def _record_failure(client, run_id: str, message: str, details: str) -> None:
         return
     client.set_tag(run_id, "trial_status", "FAILED")
     client.set_tag(run_id, "error", message[:5000])
-    client.log_text(run_id, details, "error.txt")
+    if details:
+        client.log_text(run_id, details, "error.txt")
     client.set_terminated(run_id, status="FAILED")
 
 
@@ -172,10 +234,8 @@ def make_callback(sweep_name: str, uri: str, experiment: str, metric: str):
 
             c = mlflow_utils.client(uri)
             exp = c.get_experiment_by_name(experiment)
-            name = child_run_name(sweep_name, trial.trial_id)
-            runs = c.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{name}'",
-                                 max_results=1) if exp else []
-            return c, (runs[0] if runs else None)
+            return c, find_child(c, exp.experiment_id if exp else None, sweep_name,
+                                 trial.trial_id)
 
         def _final_metric(self, c, run, trial):
             value = (trial.last_result or {}).get(metric)
@@ -188,9 +248,9 @@ def make_callback(sweep_name: str, uri: str, experiment: str, metric: str):
             if run is None:
                 return
             self._final_metric(c, run, trial)
-            # Best effort while the sweep runs (the UI shows it at once); the trial's process
-            # may still write after this, so the summary reconciles once more at the end.
-            close_stopped_child(c, run, trial.last_result)
+            # Now, so the UI shows it while the sweep runs; the trial's process may still write
+            # after this, so settle_trials closes every run once more at the end.
+            close_child(c, run, ended_status(trial.last_result))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             c, run = self._child(trial)
@@ -223,7 +283,8 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
 
     sweep_over, train_over = _split_overrides(list(overrides))
     sweep, base = load_sweep(sweep_path, sweep_over)
-    axes, base_cfg = validate(sweep, base, train_over)  # before anything starts
+    # Before anything starts; every path and default resolved here, where the user typed it.
+    axes, base_cfg, bases = validate(sweep, base, train_over)
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -265,8 +326,7 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
         from pipelines.latents import ray_dataset
 
         dataset = ray_dataset(base_cfg.data.path).materialize()  # read once, shared by trials
-    ctx = {"sweep": _to_plain(sweep), "base": str(base) if base else None,
-           "cli_overrides": train_over, "parent_run_id": parent_id,
+    ctx = {"sweep": _to_plain(sweep), "bases": bases, "parent_run_id": parent_id,
            "trials_dir": f"{exp_dir}/train", "dataset": dataset}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": sweep.resources.trial_cpus})
@@ -296,7 +356,8 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
 
     from pipelines.sweep_summary import summarise
 
-    summary = summarise(results, sweep, axes, base, train_over, uri, parent_id, exp_dir)
+    trials = settle_trials(results, uri, experiment, sweep.name)  # all trial processes ended
+    summary = summarise(trials, sweep, axes, bases, uri, parent_id, exp_dir)
     mlflow_utils.end_run(uri, parent_id, "FINISHED")
     return summary
 

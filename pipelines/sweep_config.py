@@ -26,7 +26,7 @@ from flowar.config import ConfigError
 from pipelines.config import path_field
 
 __all__ = ["SweepConfig", "SchedulerConfig", "TrialResources", "Axis", "load_sweep",
-           "trial_overrides", "REPORTED_METRICS", "validate"]
+           "trial_overrides", "REPORTED_METRICS", "validate", "resolved_bases", "trial_config"]
 
 # What train_loop's ray.train.report carries at each checkpoint (all Tune and ASHA can see).
 REPORTED_METRICS = ("loss", "lr", "epoch", "step")
@@ -175,8 +175,9 @@ def trial_overrides(sweep: SweepConfig, params: dict) -> dict:
     return tree
 
 
-def build_trial_config(sweep: SweepConfig, base: Path | None, cli_overrides, params: dict):
-    """The trial's full TrainJobConfig: base file, sweep overrides, CLI overrides, then the axes."""
+def _from_files(sweep: SweepConfig, base: Path | None, cli_overrides, params: dict):
+    """A TrainJobConfig read the way `flowar train` reads one: base file, sweep overrides, CLI
+    overrides, then `params`. Paths resolve against the cwd: call it on the driver only."""
     from pipelines.config import apply_overrides, parse_overrides
     from pipelines.train import load_train_config
 
@@ -184,31 +185,93 @@ def build_trial_config(sweep: SweepConfig, base: Path | None, cli_overrides, par
     return load_train_config(base, apply_overrides(tree, trial_overrides(sweep, params)))
 
 
-def validate(sweep: SweepConfig, base: Path | None, cli_overrides) -> tuple[list[Axis], Any]:
-    """Refuse a bad search space before anything starts; return the axes and the base config.
+def resolved_bases(sweep: SweepConfig, base: Path | None, cli_overrides, axes) -> dict:
+    """The trials' base configs as plain dicts, read once here on the driver: every path absolute
+    against the user's directory, every default (MLflow store, Ray storage) filled.
+
+    A trial runs in Ray's per-trial directory, where re-reading the files would put a relative
+    data.path or the default ./flowar-runs/mlflow.db somewhere else. Keyed by preset: the key
+    None is the base itself; when `preset` is an axis each of its values gets its own base,
+    because a preset fills the model section *under* the files (a resolved dict already holds
+    every model key, so setting `preset` on it later would change nothing)."""
+    from flowar.config import to_dict
+
+    try:
+        bases = {None: to_dict(_from_files(sweep, base, cli_overrides, {}))}
+    except ConfigError as e:
+        raise ConfigError(f"base config {str(base) if base else '(defaults)'} with overrides: {e}") \
+            from None
+    for value in next((a.values for a in axes if a.key == "preset"), []):
+        try:
+            bases[value] = to_dict(_from_files(sweep, base, cli_overrides, {"preset": value}))
+        except (ConfigError, TypeError) as e:  # TypeError: an unhashable value such as a list
+            raise ConfigError(f"search.preset: value {value!r} is refused by the training "
+                              f"config: {e}") from None
+    return bases
+
+
+def trial_config(sweep: SweepConfig, bases: dict, params: dict, extra=()):
+    """A trial's TrainJobConfig: its resolved base (`resolved_bases`), its axis values, then
+    `extra` key=value overrides. Reads no file, so it means the same on every process."""
+    from pipelines.config import apply_overrides, load_config, parse_overrides
+    from pipelines.train import TrainJobConfig
+
+    axes = {k: v for k, v in params.items() if k != "preset"}  # already in its base
+    tree = apply_overrides(trial_overrides(sweep, axes), parse_overrides(list(extra)))
+    return load_config(TrainJobConfig, None, tree, base=bases[params.get("preset")])
+
+
+def _absolute_path_axes(axes, cfg) -> None:
+    """Axis values that name a place (e.g. a data.path grid) made absolute here, like the base's:
+    Tune hands them to trials running in other directories."""
+    from pipelines.config import absolute_path, path_fields
+
+    kinds = {key: kind for key, kind, _, _ in path_fields(cfg)}
+    for axis in axes:
+        if axis.key in kinds:
+            axis.values = [absolute_path(v, kinds[axis.key]) if isinstance(v, str) else v
+                           for v in axis.values]
+
+
+def _dataset_meta(path: str, cache: dict):
+    """The latent dataset's metadata, read once per path; refused naming data.path."""
+    from pipelines.latents import read_metadata
+
+    if path not in cache:
+        try:
+            cache[path] = read_metadata(path)
+        except (ConfigError, OSError) as e:
+            raise ConfigError(f"data.path={path}: {e}") from None
+    return cache[path]
+
+
+def validate(sweep: SweepConfig, base: Path | None, cli_overrides) -> tuple[list[Axis], Any, dict]:
+    """Refuse a bad search space before anything starts; return the axes, the base config and
+    the resolved bases the trials build their configs from (`trial_config`).
 
     Every key must be a config key and every value (each grid/choice value, both range bounds)
-    must build a valid trial config; grid x choice combinations are checked together when there
-    are not too many (e.g. head=per_token with injection=cross_attention is refused)."""
-    from pipelines.latents import check_compatible, read_metadata
+    must build a valid trial config, exactly as the trial will build it, and fit its dataset;
+    grid x choice combinations are checked together when there are not too many (e.g.
+    head=per_token with injection=cross_attention is refused)."""
+    from pipelines.latents import check_compatible
 
     axes = parse_axes(sweep.search)
     if sweep.resources.workers and "train.num_workers" in sweep.search:
         raise ConfigError("search.train.num_workers and resources.workers both set the worker "
                           "count; keep one")
-    try:
-        base_cfg = build_trial_config(sweep, base, cli_overrides, {})
-    except ConfigError as e:
-        raise ConfigError(f"base config {str(base) if base else '(defaults)'} with overrides: {e}") \
-            from None
-    # Only the metadata here: the base alone may not fit the data when an axis sets model keys
-    # (e.g. the base's scales end at 4, every scales value of the axis ends at 8).
-    meta = read_metadata(base_cfg.data.path)
+    bases = resolved_bases(sweep, base, cli_overrides, axes)
+    base_cfg = trial_config(sweep, bases, {})
+    _absolute_path_axes(axes, base_cfg)
+    metas: dict = {}
+    if "data.path" not in sweep.search:
+        # Before the axes: the base alone may not fit the data when an axis sets model keys
+        # (e.g. the base's scales end at 4, every scales value of the axis ends at 8).
+        _dataset_meta(base_cfg.data.path, metas)
 
     def check(params: dict, what: str):
         try:
-            cfg = build_trial_config(sweep, base, cli_overrides, params)
-            check_compatible(meta, cfg.model)
+            cfg = trial_config(sweep, bases, params)
+            check_compatible(_dataset_meta(cfg.data.path, metas), cfg.model)
         except ConfigError as e:
             raise ConfigError(f"{what} is refused by the training config: {e}") from None
         return cfg
@@ -228,4 +291,4 @@ def validate(sweep: SweepConfig, base: Path | None, cli_overrides) -> tuple[list
     if sweep.scheduler.type == "asha" and sweep.scheduler.time_attr == "step" and not max_t:
         raise ConfigError("scheduler.max_t=0 and train.max_steps=0: set one of them so ASHA "
                           "knows the full length of a trial")
-    return axes, base_cfg
+    return axes, base_cfg, bases

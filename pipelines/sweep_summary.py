@@ -2,9 +2,9 @@
 per axis value and the best trial's full training config, written beside the Tune experiment and
 logged to the sweep's MLflow parent run.
 
-Status comes from each trial's child run (tag trial_status, set by the trial or the driver's
-callback): COMPLETED, STOPPED_EARLY (ASHA), FAILED; Tune's own status fills in when a run is
-missing (e.g. a trial that never started).
+This module only writes the report: the trials come settled by the driver (pipelines.sweep.
+settle_trials), each with its status (COMPLETED, STOPPED_EARLY when the scheduler stopped it,
+FAILED, or Tune's status for a trial that never ended) and its MLflow child run id.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 __all__ = ["summarise", "trial_rows", "markdown_table"]
 
-TUNE_STATUS = {"TERMINATED": "COMPLETED", "ERROR": "FAILED"}
 # Axes whose values change what the training loss measures (its targets, or their weights): a
 # "best loss" across them means nothing, so the summary says so and points at each trial's export.
 LOSS_CHANGING_KEYS = ("model.objective", "model.scale_construction", "model.loss_weighting",
@@ -41,22 +40,17 @@ def _show(value) -> str:
     return str(value)
 
 
-def trial_rows(results, axes, metric: str, children: dict) -> list[dict]:
-    """One dict per trial, in trial order: trial_id, each axis, metric, step, status, run_id."""
-    trials = sorted(results._experiment_analysis.trials, key=lambda t: t.trial_id)
+def trial_rows(trials: list[dict], axes, metric: str) -> list[dict]:
+    """One dict per settled trial: trial_id, each axis, metric, step, status, run_id, export_dir."""
     rows = []
     for trial in trials:
-        last = trial.last_result or {}
-        run = children.get(trial.trial_id)
-        status = (run.data.tags.get("trial_status") if run else None) \
-            or TUNE_STATUS.get(trial.status, trial.status)
+        last = trial["last_result"]
         value = last.get(metric)
-        rows.append({"trial_id": trial.trial_id,
-                     **{a.key: trial.config.get(a.key) for a in axes},
+        rows.append({"trial_id": trial["trial_id"],
+                     **{a.key: trial["config"].get(a.key) for a in axes},
                      metric: float(value) if isinstance(value, (int, float)) else float("nan"),
-                     "step": last.get("step", ""), "status": status,
-                     "run_id": run.info.run_id if run else "",
-                     "export_dir": last.get("export_dir", "")})
+                     "step": last.get("step", ""), "status": trial["status"],
+                     "run_id": trial["run_id"], "export_dir": last.get("export_dir", "")})
     return rows
 
 
@@ -98,27 +92,17 @@ def _plot(rows: list[dict], axes, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def summarise(results, sweep, axes, base, cli_overrides, uri: str, parent_id: str,
+def summarise(trials: list[dict], sweep, axes, bases: dict, uri: str, parent_id: str,
               exp_dir: str) -> dict:
+    """Write trials.csv/.md, the plot and the best config; log them on the parent run."""
     from pipelines import mlflow_utils
     from pipelines.config import dump_yaml
     from pipelines.storage import is_uri
-    from pipelines.sweep_config import build_trial_config
+    from pipelines.sweep_config import trial_config
 
     c = mlflow_utils.client(uri)
-    exp_id = c.get_run(parent_id).info.experiment_id
-    children = {r.data.tags.get("sweep.trial_id"): r for r in c.search_runs(
-        [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
-    from pipelines.sweep import close_stopped_child
-
-    for trial in results._experiment_analysis.trials:  # all trial processes have ended now
-        run = children.get(trial.trial_id)
-        if run is not None and trial.status == "TERMINATED":
-            close_stopped_child(c, run, trial.last_result)
-    children = {r.data.tags.get("sweep.trial_id"): r for r in c.search_runs(
-        [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
     metric = sweep.metric
-    rows = trial_rows(results, axes, metric, children)
+    rows = trial_rows(trials, axes, metric)
     columns = ["trial_id", *(a.key for a in axes), metric, "step", "status"]
     table = markdown_table(rows, columns)
 
@@ -138,7 +122,7 @@ def summarise(results, sweep, axes, base, cli_overrides, uri: str, parent_id: st
     _plot(rows, axes, metric, out / f"{metric}_per_axis.png")
     best_config = ""
     if best is not None:
-        cfg = build_trial_config(sweep, base, cli_overrides, {a.key: best[a.key] for a in axes})
+        cfg = trial_config(sweep, bases, {a.key: best[a.key] for a in axes})
         cfg.mlflow.run_name = ""  # a reusable training config, not the trial's run
         dump_yaml(cfg, out / "best_config.yaml")
         best_config = str(out / "best_config.yaml")

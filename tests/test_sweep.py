@@ -1,20 +1,24 @@
 """flowar sweep on a real local Ray runtime (Tune around Ray Train) and a real MLflow SQLite store.
 
-One 4-trial sweep over two axes (a good and a hopeless learning rate x two injections) checks the
-parent + nested child runs, their params/tags/metrics, ASHA stopping a hopeless trial early, and
-the summary. A second sweep runs in a subprocess whose driver is SIGKILLed after its first trial
-finished; `--resume` completes it without re-running that trial. Bad keys and values are refused
-before anything starts. The shipped sweep files (paper Tables 4 and 6) pass validation.
+One 4-trial sweep over two axes (a good and a hopeless learning rate x two injections), run with
+the defaults a user gets (relative data.path, no tracking URI, no storage path, from a fresh
+directory), checks the parent + nested child runs in ./flowar-runs/mlflow.db, their
+params/tags/metrics, ASHA stopping the hopeless trials early, and the summary's statuses and run
+ids. A second sweep runs in a subprocess whose driver SIGKILLs itself once Tune's saved state
+records a finished trial; `--resume` completes it without re-running that trial. Bad keys, values
+and data paths are refused before anything starts. The shipped sweep files (paper Tables 3-6)
+pass validation; tests/test_sweep_files.py runs them.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,17 +53,54 @@ def write_sweep(tmp: Path, name: str, search: dict, **extra) -> Path:
     return path
 
 
-def children_of(uri: str, parent_name: str):
+def children_of(uri: str, parent_name: str, experiment: str = "flowar"):
     from mlflow import MlflowClient
 
     c = MlflowClient(uri)
-    exp = c.get_experiment_by_name("flowar")
+    exp = c.get_experiment_by_name(experiment)
     parents = c.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{parent_name}'")
     assert len(parents) == 1
     parent = parents[0]
     kids = c.search_runs([exp.experiment_id],
                          f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return c, parent, kids
+
+
+def default_store(cwd: Path) -> str:
+    """Where a run lands when no tracking URI is given and FLOWAR_HOME is unset."""
+    return f"sqlite:///{cwd / 'flowar-runs' / 'mlflow.db'}"
+
+
+def check_trials(summary_dir: Path, uri: str, sweep_name: str, max_steps: int,
+                 experiment: str = "flowar") -> list[dict]:
+    """trials.csv/.md as the user reads them, checked against the MLflow store and the exports.
+
+    No trial FAILED. Each row's run_id is a child run of the sweep's parent in `uri`, FINISHED
+    and tagged with the row's status. A trial the scheduler stopped ran fewer than max_steps
+    and exported nothing: STOPPED_EARLY; one that ran all max_steps has its export: COMPLETED."""
+    c, parent, kids = children_of(uri, sweep_name, experiment)
+    with open(summary_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    table = (summary_dir / "trials.md").read_text()
+    by_id = {k.info.run_id: k for k in kids}
+    assert rows and len(rows) == len(kids), (rows, len(kids))
+    for row in rows:
+        assert row["status"] in ("COMPLETED", "STOPPED_EARLY"), rows
+        kid = by_id[row["run_id"]]
+        assert kid.data.tags["sweep.trial_id"] == row["trial_id"]
+        assert kid.data.tags["trial_status"] == row["status"] and kid.info.status == "FINISHED"
+        step = int(row["step"])
+        if step == max_steps:
+            assert row["status"] == "COMPLETED", row
+            assert (Path(row["export_dir"]) / "model.safetensors").is_file(), row
+        else:
+            assert row["status"] == "STOPPED_EARLY" and step < max_steps, row
+            assert row["export_dir"] == "", row
+        line = next(ln for ln in table.splitlines() if f"| {row['trial_id']} |" in ln)
+        assert line.rstrip().endswith(f"| {row['status']} |"), line
+    stopped = sum(r["status"] == "STOPPED_EARLY" for r in rows)
+    assert c.get_metric_history(parent.info.run_id, "trials_stopped_early")[0].value == stopped
+    return rows
 
 
 # ------------------------------------------------------------------------- refused before work
@@ -79,6 +120,19 @@ def test_bad_key_or_value_is_refused_before_any_trial(dataset, tmp_path, search,
     assert named in capsys.readouterr().err
     assert not (tmp_path / "tune").exists()  # no Tune experiment, no trial
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run either
+
+
+def test_missing_relative_data_path_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLOWAR_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = SWEEPS / "table6-injection-tiny.yaml"
+    assert main(["sweep", str(sweep), "data.path=./flowar-runs/latents-fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.path={tmp_path / 'flowar-runs' / 'latents-fashion-mnist'}" in err, err
+    assert not (tmp_path / "flowar-runs").exists()  # no Tune experiment, no MLflow store
 
 
 def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, tmp_path):
@@ -105,7 +159,7 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
     for name, axes_expected in expected.items():
         for suffix, data in (("", full), ("-tiny", tiny)):
             sweep, base = load_sweep(SWEEPS / f"{name}{suffix}.yaml")
-            axes, cfg = validate(sweep, base, [f"data.path={data}"])
+            axes, cfg, _ = validate(sweep, base, [f"data.path={data}"])
             assert [(a.key, len(a.values)) for a in axes] == axes_expected, name + suffix
             assert sweep.name == name + suffix
     sweep, _ = load_sweep(SWEEPS / "table6-injection.yaml")
@@ -119,7 +173,7 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
     for name, caveat in (("table3-scale-construction", "model.scale_construction"),
                          ("table5-head-objective", "model.objective"), ("table6-injection", "")):
         sweep, base = load_sweep(SWEEPS / f"{name}-tiny.yaml")
-        axes, _ = validate(sweep, base, [f"data.path={tiny}"])
+        axes, _, _ = validate(sweep, base, [f"data.path={tiny}"])
         text = loss_caveat(axes, sweep.metric)
         assert (caveat in text) if caveat else text == "", name
     # Table 3's image arm needs the image pyramid in the dataset: refused before any trial.
@@ -132,20 +186,28 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
 # ------------------------------------------------------------------------- real sweeps
 
 def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
-        ray_local, dataset, tmp_path, mlflow_uri):
+        ray_local, dataset, tmp_path, monkeypatch):
     from pipelines.sweep import run_sweep
 
+    # The defaults a user gets: run from their own directory with a relative data.path, no
+    # tracking URI, no storage path. Trials run in Ray's per-trial directories, yet every run
+    # must land in this directory's ./flowar-runs.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLOWAR_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = write_sweep(
         tmp_path, "grid", {"train.base_lr": {"grid": [0.016, 1e-9]},  # lr 1e-3 vs ~0: hopeless
                            "model.injection": {"grid": ["adaln", "addition"]}},
-        overrides=["train.max_steps=20"],
+        overrides=["train.max_steps=20"], storage_path="",
         scheduler={"type": "asha", "time_attr": "step", "grace_period": 10,
                    "reduction_factor": 2})
-    summary = run_sweep(sweep, [f"data.path={dataset}", f"mlflow.tracking_uri={mlflow_uri}"])
+    summary = run_sweep(sweep, [f"data.path={os.path.relpath(dataset, tmp_path)}"])
 
-    c, parent, kids = children_of(mlflow_uri, "grid")
+    uri = default_store(tmp_path)
+    c, parent, kids = children_of(uri, "grid")
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.role"] == "parent"
     assert len(kids) == 4
+    assert sorted(p.name for p in tmp_path.rglob("mlflow.db")) == ["mlflow.db"]  # one store
     seen = set()
     for kid in kids:
         p, t = kid.data.params, kid.data.tags
@@ -156,6 +218,7 @@ def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
         assert float(p["train.base_lr"]) == float(t["axis.train.base_lr"])
         assert p["train.num_workers"] == "1" and p["train.max_steps"] == "20"
         assert p["model.ar_width"] == "64" and p["train.checkpoint_every"] == "5"
+        assert p["data.path"] == str(dataset) and p["mlflow.tracking_uri"] == uri
         seen.add((float(p["train.base_lr"]), p["model.injection"]))
         curve = [m.value for m in c.get_metric_history(kid.info.run_id, "loss")]
         assert curve and all(math.isfinite(v) for v in curve)
@@ -163,17 +226,21 @@ def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
         assert len(final) == 1 and final[0].value == pytest.approx(curve[-1], rel=0.5)
     assert seen == {(0.016, "adaln"), (0.016, "addition"), (1e-9, "adaln"), (1e-9, "addition")}
 
-    rows = {(r["train.base_lr"], r["model.injection"]): r for r in summary["rows"]}
-    good = [r for (lr, _), r in rows.items() if lr == 0.016]
-    hopeless = [r for (lr, _), r in rows.items() if lr == 1e-9]
-    assert all(r["status"] == "COMPLETED" and r["step"] == 20 for r in good), summary["table"]
-    # The good trials ran first (grid order, one at a time), so at rung 10 the hopeless ones
-    # are worse than the cutoff and ASHA stops at least one before its 20 steps.
-    stopped = [r for r in hopeless if r["status"] == "STOPPED_EARLY"]
-    assert stopped and all(r["step"] < 20 for r in stopped), summary["table"]
+    out = Path(summary["dir"])
+    assert out == tmp_path / "flowar-runs" / "ray_results" / "grid" / "summary"
+    rows = check_trials(out, uri, "grid", max_steps=20)
+    assert [r["run_id"] for r in rows] == [r["run_id"] for r in summary["rows"]]
+    # Tune runs a grid in a fixed order, one trial at a time here: both good learning rates
+    # first (its first axis in sorted key order, model.injection, varies fastest).
+    order = [(float(r["train.base_lr"]), r["model.injection"]) for r in rows]
+    assert order == [(0.016, "adaln"), (0.016, "addition"), (1e-9, "adaln"), (1e-9, "addition")]
+    # ASHA at the step-10 rung stops a trial worse than the median of those recorded before
+    # it: the first trial always continues; each hopeless one is worse than every good one.
+    assert rows[0]["status"] == "COMPLETED", rows
+    assert [r["status"] for r in rows[2:]] == ["STOPPED_EARLY"] * 2, rows
+    good, hopeless = summary["rows"][:2], summary["rows"][2:]
     assert max(r["loss"] for r in good) < min(r["loss"] for r in hopeless)
-    by_run = {k.info.run_id: k for k in kids}
-    assert by_run[stopped[0]["run_id"]].data.tags["trial_status"] == "STOPPED_EARLY"
+    assert "STOPPED_EARLY" in summary["table"] and summary["counts"]["STOPPED_EARLY"] == 2
 
     # Summary: table + CSV + plot + best config, on disk and on the parent run.
     assert summary["best_trial"] in {r["trial_id"] for r in good}
@@ -181,15 +248,49 @@ def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
     best_row = next(r for r in good if r["trial_id"] == summary["best_trial"])
     assert best["train"]["base_lr"] == 0.016
     assert best["model"]["injection"] == best_row["model.injection"]
+    assert best["data"]["path"] == str(dataset)  # the resolved path, usable from anywhere
+    assert c.get_run(parent.info.run_id).data.tags["best_run_id"] == best_row["run_id"]
     logged = {a.path for a in c.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/trials.csv", "summary/trials.md", "summary/loss_per_axis.png",
             "summary/best_config.yaml"} <= logged
     assert "| trial_id | train.base_lr | model.injection | loss | step | status |" \
         in summary["table"]
     assert summary["caveat"] == ""  # injection and lr leave the loss comparable
-    completed = [r for r in good if r["status"] == "COMPLETED"]
-    assert all((Path(r["export_dir"]) / "model.safetensors").is_file() for r in completed)
-    assert c.get_metric_history(parent.info.run_id, "trials_stopped_early")[0].value >= 1
+
+
+# The sweep driver of the kill test: `flowar sweep ...` whose Tune loop SIGKILLs its own process
+# at the first step after Tune's saved experiment state (in the sweep's storage, what --resume
+# reads) records a finished trial. The moment is decided by what Tune wrote, not by a clock.
+# The patch sits on Tune's controller class in this process only: a patched callback would be
+# pickled into the experiment (tuner.pkl) and kill the resumed driver too.
+KILLED_DRIVER = """
+import json, os, signal, sys
+from pathlib import Path
+from ray.tune.execution.tune_controller import TuneController
+from pipelines import cli
+
+exp_dir = Path(sys.argv[1])
+
+def finished_trial_saved():
+    for state in exp_dir.glob("experiment_state-*.json"):
+        try:
+            saved = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # caught mid-write: the next step reads it again
+        if any(json.loads(t[0]).get("status") == "TERMINATED" for t in saved):
+            return True
+    return False
+
+step = TuneController.step
+
+def step_then_die_once_a_finished_trial_is_saved(self):
+    step(self)
+    if finished_trial_saved():
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
+
+TuneController.step = step_then_die_once_a_finished_trial_is_saved
+sys.exit(cli.main(["sweep", *sys.argv[2:]]))
+"""
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(
@@ -201,21 +302,20 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     args = [str(sweep), f"data.path={dataset}", f"mlflow.tracking_uri={mlflow_uri}"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", *args], cwd=ROOT,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
     exp_dir = tmp_path / "tune" / "resume"
-    try:
-        first = _wait_for_first_finished_trial(mlflow_uri, exp_dir, driver, timeout_s=400)
-    finally:
-        driver.send_signal(signal.SIGKILL)  # the driver dies without any clean-up
-        driver.wait()
-    log.close()
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.run([sys.executable, "-c", KILLED_DRIVER, str(exp_dir), *args],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=1800)  # a guard against a hang only
+    assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+    first = _finished_trials(exp_dir)
+    assert len(first) == 1, first  # killed while the second trial had not finished
     c, parent, kids = children_of(mlflow_uri, "resume")
     assert parent.info.status == "RUNNING"  # the killed driver never closed it
     finished_before = {k.info.run_id: k.info.end_time for k in kids
                        if k.data.tags.get("trial_status") == "COMPLETED"}
-    assert first in finished_before
+    assert [k.data.tags["sweep.trial_id"] for k in kids
+            if k.info.run_id in finished_before] == first
 
     summary = run_sweep(sweep, args[1:], resume=True)
 
@@ -223,6 +323,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     assert parent.info.status == "FINISHED"
     assert len(kids) == 2 and {k.data.params["model.injection"] for k in kids} == {"adaln", "addition"}
     assert [r["status"] for r in summary["rows"]] == ["COMPLETED", "COMPLETED"], summary["table"]
+    check_trials(Path(summary["dir"]), mlflow_uri, "resume", max_steps=10)
     for run_id, end_time in finished_before.items():
         run = c.get_run(run_id)
         assert run.info.end_time == end_time  # untouched: not re-run
@@ -232,26 +333,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
         run_sweep(sweep, args[1:])
 
 
-def _wait_for_first_finished_trial(uri, exp_dir: Path, driver, timeout_s: float) -> str:
-    """The run id of the first trial that finished, once Tune's saved state says it ended."""
-    import json
-
-    from mlflow import MlflowClient
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert driver.poll() is None, "the sweep driver exited before it could be killed"
-        for state in sorted(exp_dir.glob("experiment_state-*.json"))[-1:]:
-            try:
-                trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
-            except (ValueError, KeyError):
-                continue  # caught mid-write
-            ended = [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
-            if ended:
-                c = MlflowClient(uri)
-                exp = c.get_experiment_by_name("flowar")
-                runs = c.search_runs([exp.experiment_id],
-                                     f"tags.`sweep.trial_id` = '{ended[0]}'")
-                return runs[0].info.run_id
-        time.sleep(1)
-    raise AssertionError("no trial finished in time")
+def _finished_trials(exp_dir: Path) -> list[str]:
+    """The trial ids Tune's newest saved experiment state records as finished."""
+    state = sorted(exp_dir.glob("experiment_state-*.json"))[-1]
+    trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
