@@ -75,7 +75,20 @@ def test_header_commands_are_read_as_written():
     assert sorted(p.stem for p in SWEEPS.glob("*-tiny.yaml")) == sorted(TRIALS) == sorted(CAPS)
 
 
-@pytest.mark.parametrize("name", sorted(TRIALS))
+# Table 6's header command is the README's sweep line: tests/test_readme.py runs it (with these
+# sizes and this cap) as the last stage of the README's pipeline, on the latents its encode wrote.
+RUN_BY_README_TEST = "table6-injection-tiny"
+
+
+def test_readme_sweep_line_is_the_table6_header_command():
+    from test_readme import readme_commands
+
+    line = next(argv for argv in readme_commands() if argv[1] == "sweep")
+    header = header_command(SWEEPS / f"{RUN_BY_README_TEST}.yaml")
+    assert ["sweep", str(ROOT / line[2]), *line[3:]] == header, (line, header)
+
+
+@pytest.mark.parametrize("name", sorted(set(TRIALS) - {RUN_BY_README_TEST}))
 def test_shipped_tiny_sweep_runs_as_its_header_says(name, ray_local, tmp_path, monkeypatch,
                                                     capsys):
     from pipelines.cli import main
