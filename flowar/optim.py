@@ -1,6 +1,6 @@
 """The published optimisation recipe in plain PyTorch: AdamW groups, LR rule and schedule, EMA, clipping.
 
-FlowAR (flowar-reference §5) trains with AdamW (0.9, 0.95), weight decay 0.02 on every matrix
+FlowAR (docs/stack-facts.md, "The published training recipe") trains with AdamW (0.9, 0.95), weight decay 0.02 on every matrix
 (biases and 1-D norm weights are not decayed; embeddings and the flow net *are*), lr = base_lr x
 global_batch / 256, a linear warm-up from 0 followed by a cosine decay to a floor, an EMA of the
 weights at 0.9999 updated every step from step 0, and global-norm clipping at 3.0.

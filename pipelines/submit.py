@@ -31,7 +31,7 @@ from pipelines.submit_outputs import (SubmitError, ask_cluster_settings, cluster
                                       job_outputs, refuse_relative_outputs)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Ray documents 100 MiB as the working_dir limit (GCS storage; platform-anchors §1.5). Ray 2.60
+# Ray documents 100 MiB as the working_dir limit (GCS storage; https://docs.ray.io/en/latest/ray-core/handling-dependencies.html). Ray 2.60
 # raised its own cap, but KubeRay's GCS and older clusters still enforce 100 MiB, so we do too.
 MAX_UPLOAD_MIB = 100
 

@@ -175,7 +175,7 @@ def release_orphaned_placement_groups() -> list[str]:
 
     A trial stopped by ASHA kills its Ray Train controller, whose worker placement group is
     owned by the job and outlives it. Ray Train's PlacementGroupCleaner frees it through the
-    State API, which only exists with the dashboard (ray-stack-facts §4.4); without it the next
+    State API, which only exists with the dashboard (docs/stack-facts.md); without it the next
     trial waits forever for CPUs. Only a group made by an actor that has died qualifies, which is
     exactly that leak (driver-made groups, e.g. Tune's own, have no creator actor)."""
     import ray

@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The published recipe (flowar-reference §5) is the default."""
+    """The published recipe (docs/stack-facts.md) is the default."""
     num_workers: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per worker when Ray has GPUs
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard per transformer block
@@ -238,7 +238,7 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)  # + CPU for Ray Data beside the workers
     use_gpu = _use_gpu(cfg)
     # Materialised before fit: on small machines streaming reads starve beside the workers
-    # (ray-stack-facts §3.1), and the workers read it several times.
+    # (docs/stack-facts.md), and the workers read it several times.
     if dataset is None:
         dataset = ray_dataset(cfg.data.path).materialize()
     storage = storage_path(cfg)

@@ -199,7 +199,7 @@ def _train_worker(config: dict) -> None:
 
 def _init_ray(cfg: VAETrainConfig):
     from pipelines.ray_runtime import init_ray
-    # the data stage needs CPU beside the workers (ray-stack-facts §3.1)
+    # the data stage needs CPU beside the workers (docs/stack-facts.md, "CPU budget for Ray Data")
     return init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)
 
 
@@ -222,7 +222,7 @@ def _images_dataset(cfg: VAETrainConfig, ray):
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(_good_images, batch_size=1, batch_format="numpy",
                         fn_kwargs={"source": to_dict(cfg.source), "resolution": cfg.resolution})
-    return ds.materialize()  # before fit: a streaming dataset starves on 2 cores (ray-stack-facts §3.1)
+    return ds.materialize()  # before fit: a streaming dataset starves on 2 cores (docs/stack-facts.md, "CPU budget for Ray Data")
 
 
 def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
