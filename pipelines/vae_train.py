@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from flowar.config import ConfigError
 from pipelines import storage
-from pipelines.config import (MLflowConfig, RayConfig, add_print_config, flowar_home, load_config,
-                              path_field)
+from pipelines.config import (MLflowConfig, RayConfig, add_print_config, default_storage_path,
+                              load_config, path_field)
 from pipelines.sources import SourceConfig
 
 
@@ -255,7 +255,7 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
             train_loop_config={"cfg": to_dict(cfg), "mlflow_uri": uri, "run_id": run_id},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
             run_config=ray.train.RunConfig(name=f"vae-train-{run_id[:8]}-{uuid.uuid4().hex[:4]}",
-                                           storage_path=cfg.ray.storage_path or str(flowar_home() / "ray_results")),
+                                           storage_path=cfg.ray.storage_path or default_storage_path()),
             datasets={"train": dataset})
         from pipelines.progress import follow
 

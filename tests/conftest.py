@@ -24,12 +24,12 @@ def ray_local(tmp_path_factory):
     """A real local Ray runtime shared by the tests of a session.
 
     4 logical CPUs on a 2-core machine: Ray Data needs CPU budget beside 2 training workers
-    (ray-stack-facts §3.1)."""
+    (docs/stack-facts.md, "CPU budget for Ray Data")."""
     import ray
 
     if not ray.is_initialized():
         # With the dashboard: its State API lets Ray Train free the placement groups of trials
-        # that Tune stops (ray-stack-facts §4.4).
+        # that Tune stops (docs/stack-facts.md).
         ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}})
     yield ray
