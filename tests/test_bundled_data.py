@@ -118,9 +118,13 @@ def test_ensure_reports_found_data_with_system_python(tmp_path):
 def test_make_checks_the_data_before_installing(tmp_path, target):
     """`make quickstart` / `make test` on a fresh clone: the data step is the first command, before
     the venv and minutes of pip (dry run with a venv path that does not exist)."""
-    out = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
-                         capture_output=True, text=True)
+    # Under `make test` (CI) the parent make's MAKEFLAGS/MAKELEVEL are inherited: drop them so this
+    # is the dry run a user's shell would get, and let make print no "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={tmp_path / 'venv'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    commands = [line for line in out.stdout.splitlines() if line and not line.startswith("#")]
+    commands = [line for line in out.stdout.splitlines()
+                if line and not line.startswith(("#", "make["))]
     assert "pipelines.bundled_data ensure" in commands[0], commands
     assert any("-m venv" in c for c in commands[1:]), commands
