@@ -11,9 +11,9 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 # The bundled data (Fashion-MNIST) with the system Python, before anything is installed: found,
 # or Debian's package installed (root with apt-get), or torchvision's download host reachable;
-# otherwise this fails at once with one line that says what to run (pipelines/bundled_data.py).
+# otherwise this fails at once with one line that says what to run (pipelines/data/bundled.py).
 data:
-	@$(PY) -m pipelines.bundled_data ensure
+	@$(PY) -m pipelines.data.bundled ensure
 
 $(BIN)/flowar: pyproject.toml
 	$(PY) -m venv $(VENV)

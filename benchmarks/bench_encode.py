@@ -31,7 +31,7 @@ def main() -> int:
     import torch
     from diffusers import AutoencoderKL
 
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.encode import EncodeConfig, run_encode
 
     root = Path(__file__).resolve().parents[1]

@@ -40,11 +40,11 @@ def measure(num_workers: int, args, model: Path, vae: Path, tmp: Path) -> dict:
     import ray
 
     from flowar.config import to_dict
-    from pipelines.config import load_config
-    from pipelines.eval_run import make_workers, run_shards
-    from pipelines.eval_worker import parse_source
-    from pipelines.evaluate import EvalConfig
-    from pipelines.inception import resolve_weights
+    from pipelines.core.config import load_config
+    from pipelines.evaluate.shards import make_workers, run_shards
+    from pipelines.evaluate.worker import parse_source
+    from pipelines.evaluate.job import EvalConfig
+    from pipelines.evaluate.inception import resolve_weights
 
     cfg = load_config(EvalConfig, None, [
         f"generation.checkpoint={model}", f"generation.vae={vae}", "reference.source=fashion-mnist:test",

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def synthetic_latents(path: Path, count: int, side: int = 8, channels: int = 4, classes: int = 10):
     import numpy as np
 
-    from pipelines.latents import LatentDatasetMeta, finalise, write_part
+    from pipelines.data.latents import LatentDataset, LatentDatasetMeta
 
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(count, channels, side, side)).astype(np.float32)
@@ -40,22 +40,22 @@ def synthetic_latents(path: Path, count: int, side: int = 8, channels: int = 4, 
     meta = LatentDatasetMeta(vae={"id": "bench/random"}, resolution=side * 4, latent_size=side,
                              latent_channels=channels, scales=[side], count=count, num_classes=classes)
     (path / "rejects").mkdir(parents=True)
-    write_part(str(path), 0, 0, count, cols, [], meta)
-    finalise(str(path), meta)
+    LatentDataset(str(path)).write_part(0, 0, count, cols, [], meta)
+    LatentDataset(str(path)).finalise(meta)
 
 
 def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
     import ray
     from mlflow import MlflowClient
 
-    from pipelines.latents import ray_dataset
-    from pipelines.train import load_train_config, run_training
+    from pipelines.data.latents import LatentDataset
+    from pipelines.train.job import load_train_config, run_training
 
     data = tmp / "latents"
     synthetic_latents(data, count=args.batch * 8)
     ray.init(num_cpus=max(4, (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
-    dataset = ray_dataset(str(data)).materialize()
+    dataset = LatentDataset(str(data)).ray_dataset().materialize()
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out = {}
     for workers in args.workers:

@@ -164,7 +164,7 @@ def check_sampler_fits(objective: str, sampler: SamplerConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Strict dict <-> dataclass conversion, shared with pipelines/config.py.
+# Strict dict <-> dataclass conversion, shared with pipelines/core/config.py.
 # ----------------------------------------------------------------------------------------------
 
 def to_dict(obj) -> dict:

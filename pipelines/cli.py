@@ -15,11 +15,11 @@ JOB_MODULES = [
     "pipelines.quickstart",  # flowar quickstart: the whole pipeline on the embedded default
     "pipelines.vae_train",   # flowar vae train
     "pipelines.encode",      # flowar encode
-    "pipelines.train",       # flowar train
+    "pipelines.train.job",       # flowar train
     "pipelines.import_published",  # flowar import: released FlowAR-S/L/H -> a model folder
     "pipelines.sample",      # flowar sample
-    "pipelines.evaluate",    # flowar evaluate
-    "pipelines.sweep",       # flowar sweep
+    "pipelines.evaluate.job",    # flowar evaluate
+    "pipelines.sweep.job",       # flowar sweep
     "pipelines.submit",      # flowar submit / flowar jobs
 ]
 

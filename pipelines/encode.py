@@ -1,4 +1,4 @@
-"""`flowar encode`: images -> VAE posterior moments -> a latent pyramid dataset (pipelines.latents).
+"""`flowar encode`: images -> VAE posterior moments -> a latent pyramid dataset (pipelines.data.latents).
 
 Ray Data, streaming (memory stays flat however many images):
 
@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from flowar.config import ConfigError
-from pipelines import latents, storage
-from pipelines.config import RayConfig, add_print_config, load_config, path_field
-from pipelines.sources import SourceConfig
+from pipelines.core import storage
+from pipelines.data import latents
+from pipelines.core.config import RayConfig, add_print_config, load_config, path_field
+from pipelines.data.sources import SourceConfig
 
 
 @dataclass
@@ -241,7 +242,7 @@ class LatentWriter:
             rejects = [{"key": str(batch["key"][i]), "source": str(batch["ref"][i]),
                         "reason": str(batch["reason"][i])} for i in bad]
             s, a, b = int(batch["shard"][run[0]]), int(batch["index"][run[0]]), int(batch["index"][run[-1]]) + 1
-            nbytes = latents.write_part(self.out, s, a, b, cols, rejects, self.meta)
+            nbytes = latents.LatentDataset(self.out).write_part(s, a, b, cols, rejects, self.meta)
             self._hold_if_asked()
             for k, v in (("shard", s), ("start", a), ("end", b), ("images", len(ok)),
                          ("rejects", len(bad)), ("bytes", nbytes)):
@@ -305,7 +306,7 @@ def _probe_image_scales(vae, sides, downsample: int, channels: int) -> None:
 
 
 def _init_ray(cfg: EncodeConfig):
-    from pipelines.ray_runtime import init_ray
+    from pipelines.core.ray_runtime import init_ray
     need = cfg.encode.actors * cfg.encode.actor_cpus + 1  # + one decode task at a time
     return init_ray(cfg.ray, min_cpus=int(need + 0.999))
 
@@ -313,7 +314,7 @@ def _init_ray(cfg: EncodeConfig):
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode (or resume encoding) cfg.source into cfg.output; returns the summary."""
     from flowar.vae import load_vae
-    from pipelines.sources import list_items
+    from pipelines.data.sources import list_items
 
     enc = cfg.encode
     # The config's own checks ran when it was built; these read the VAE's config (the same
@@ -339,10 +340,11 @@ def run_encode(cfg: EncodeConfig) -> dict:
     _prepare_output(cfg, _job_record(meta, cfg, items))
 
     shards = [items[i:i + enc.shard_size] for i in range(0, len(items), enc.shard_size)]
-    parts = latents.list_parts(cfg.output)
+    dataset = latents.LatentDataset(cfg.output)
+    parts = dataset.parts()
     done = {s for s, ranges in parts.items() if s < len(shards) and latents.covers(ranges, len(shards[s]))}
     stale = [p for s, ranges in parts.items() if s not in done for _, _, p in ranges]
-    latents.remove(cfg.output, stale)  # partial shards of a killed run are redone whole
+    dataset.remove(stale)  # partial shards of a killed run are redone whole
     todo = [s for s in range(len(shards)) if s not in done]
     print(f"flowar encode: {len(items)} images in {len(shards)} shards; {len(done)} already "
           f"written, {len(todo)} to do -> {storage.display(cfg.output)}", file=sys.stderr)
@@ -352,7 +354,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     if todo:
         images, rejects, nbytes, elapsed = _run_pipeline(cfg, meta, shards, todo,
                                                          sum(len(shards[s]) for s in todo))
-    final = latents.finalise(cfg.output, meta)
+    final = dataset.finalise(meta)
     summary = {"images": images, "rejects": rejects, "seconds": round(elapsed, 2),
                "images_per_s": round(images / elapsed, 2) if images else 0.0, "bytes": nbytes,
                "shards_done": len(todo), "shards_skipped": len(done),
@@ -366,7 +368,7 @@ def _run_pipeline(cfg, meta, shards, todo, total):
     from tqdm import tqdm
 
     from flowar.config import to_dict
-    from pipelines.sources import decode_items
+    from pipelines.data.sources import decode_items
     ray = _init_ray(cfg)
     enc = cfg.encode
     ctx = ray.data.DataContext.get_current()

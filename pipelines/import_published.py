@@ -48,7 +48,7 @@ def import_published(checkpoint: str, out: str, vae: str, model: str = "", publi
     from flowar import load_published, read_published_file
     from flowar.published import PUBLISHED_SAMPLERS
     from flowar.vae import load_vae, weights_sha256
-    from pipelines.latents import LatentDatasetMeta, code_version
+    from pipelines.data.latents import LatentDatasetMeta, code_version
 
     args = _published_args(model, published_config)
     out_dir = Path(out).expanduser()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.config import add_print_config, flowar_home, load_config, path_field
+from pipelines.core.config import add_print_config, flowar_home, load_config, path_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -51,13 +51,13 @@ def _stage(name: str, timings: dict):
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    from pipelines import mlflow_utils
-    from pipelines.classifier import train_classifier
-    from pipelines.config import apply_overrides
+    from pipelines.core import tracking
+    from pipelines.evaluate.classifier import train_classifier
+    from pipelines.core.config import apply_overrides
     from pipelines.encode import EncodeConfig, run_encode
-    from pipelines.ray_runtime import init_ray
-    from pipelines.evaluate import EvalConfig, read_training_link
-    from pipelines.train import load_train_config, run_training
+    from pipelines.core.ray_runtime import init_ray
+    from pipelines.evaluate.job import EvalConfig, read_training_link
+    from pipelines.train.job import load_train_config, run_training
     from pipelines.vae_train import VAETrainConfig, run_vae_train
 
     home = Path(cfg.home or flowar_home())
@@ -108,8 +108,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                "images_encoded": encoded.get("images"), "export_dir": export, "mlflow_run_id": run_id,
                "grid": str(grid), "home": str(home), "tracking_uri": uri}
     if run_id:
-        c = mlflow_utils.client(uri)
-        mlflow_utils.log_metrics(c, run_id, {"quickstart/class_accuracy": class_acc,
+        c = tracking.client(uri)
+        tracking.log_metrics(c, run_id, {"quickstart/class_accuracy": class_acc,
                                              "quickstart/fid": float(fid)}, step=report.get("step", 0))
         c.log_artifact(run_id, str(grid), "quickstart")
     (home / "quickstart-summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -119,8 +119,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
 def evaluate_export(export: str, eval_overrides: dict) -> dict:
     """`flowar evaluate` of one export with the quickstart's evaluation settings."""
-    from pipelines.config import apply_overrides
-    from pipelines.evaluate import EvalConfig, main as run_evaluate
+    from pipelines.core.config import apply_overrides
+    from pipelines.evaluate.job import EvalConfig, main as run_evaluate
     over = apply_overrides(eval_overrides, {"generation": {"checkpoint": export}})
     return run_evaluate(load_config(EvalConfig, CONFIGS / "eval-quickstart.yaml", over))
 
@@ -131,8 +131,8 @@ def class_accuracy(export: str, home: Path, per_class: int, sampler: dict) -> tu
     import torch
 
     from flowar.config import SamplerConfig, from_dict
-    from pipelines.classifier import accuracy, load_classifier
-    from pipelines.eval_run import grid_png
+    from pipelines.evaluate.classifier import accuracy, load_classifier
+    from pipelines.evaluate.shards import grid_png
     from pipelines.sample import sample_images
 
     images, indices = sample_images(export, list(range(10)), per_class,

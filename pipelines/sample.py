@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from flowar.config import ConfigError, SamplerConfig
-from pipelines.config import load_config
+from pipelines.core.config import load_config
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -37,7 +37,7 @@ def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sa
     Sample j of class c has global index c * per_class + j; its noise is seeded from (seed, index)."""
     import numpy as np
     from flowar.config import to_dict
-    from pipelines.eval_worker import EvalWorker, export_vae_spec
+    from pipelines.evaluate.worker import EvalWorker, export_vae_spec
 
     ckpt = Path(checkpoint).expanduser().resolve()
     if not (ckpt / "config.json").is_file():
@@ -79,8 +79,8 @@ def _cli(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from pipelines.eval_run import grid_png
-    from pipelines.evaluate import check_sampler_for_export
+    from pipelines.evaluate.shards import grid_png
+    from pipelines.evaluate.job import check_sampler_for_export
 
     @dataclass
     class _SamplerOnly:  # the sampler section of any config, the rest ignored

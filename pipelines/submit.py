@@ -37,7 +37,7 @@ MAX_UPLOAD_MIB = 100
 
 # Never shipped with a job (gitignore syntax, relative to the working dir; a leading / anchors a
 # pattern to the top, so a package such as flowar/data/ still ships). Large data belongs on
-# shared storage or an object store (pipelines/storage.py), not in the upload.
+# shared storage or an object store (pipelines/core/storage.py), not in the upload.
 DEFAULT_EXCLUDES = [
     ".git/", ".venv/", "venv/", "env/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
     "/data/", "/datasets/", "/checkpoints/", "/ckpt/", "/outputs/", "/flowar-runs/", "/ray_results/",

@@ -3,7 +3,7 @@
 On a cluster a relative path means the job's uploaded working directory, which Ray unpacks under
 its session temp dir and deletes later. Inputs may be relative (they are read from the upload);
 outputs may not. So `job_outputs` reads the job's output fields as given (config file +
-overrides, nothing made absolute; pipelines.config path fields), `refuse_relative_outputs`
+overrides, nothing made absolute; pipelines.core.config path fields), `refuse_relative_outputs`
 refuses a relative one naming its key, and `cluster_settings_for` checks that the outputs left
 empty have a home on the cluster: its FLOWAR_HOME / MLFLOW_TRACKING_URI (set on every node by the
 recipes in clusters/), taken from --env or asked of the cluster by a tiny job that prints them.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-# The cluster settings that job outputs left empty default to (pipelines/config.py): FLOWAR_HOME
+# The cluster settings that job outputs left empty default to (pipelines/core/config.py): FLOWAR_HOME
 # for folders (ray_results, eval, the quickstart's home), MLFLOW_TRACKING_URI else
 # sqlite under FLOWAR_HOME for the MLflow store.
 OUTPUT_SETTINGS = ("FLOWAR_HOME", "MLFLOW_TRACKING_URI")
@@ -44,14 +44,14 @@ class Output:
     """One place a job writes: `key` as the user types it, `value` as given ('' = default)."""
 
     key: str
-    kind: str  # "output" or "tracking_uri" (pipelines.config.PathKind)
+    kind: str  # "output" or "tracking_uri" (pipelines.core.config.PathKind)
     value: str
     needs: str = ""  # for an empty value: the cluster setting its default lives under, if any
 
 
 def lands_in_working_dir(kind: str, value: str) -> bool:
     """True when `value` is a relative place: on the cluster, inside the job's working dir."""
-    from pipelines.storage import is_uri
+    from pipelines.core.storage import is_uri
 
     if value.startswith("sqlite:///"):  # sqlite:///rel.db is relative, sqlite:////abs.db is not
         path = value[len("sqlite:///"):]
@@ -88,8 +88,8 @@ def _parse_job_args(job: str, job_args: list[str]):
 # into these classes' path fields without the job's own checks: those may need files that exist
 # only on the cluster (an input such as vae.spec=/mnt/cluster_storage/vae); the job checks them
 # when it runs.
-JOB_CONFIGS = {"train": "pipelines.train:TrainJobConfig", "encode": "pipelines.encode:EncodeConfig",
-               "vae": "pipelines.vae_train:VAETrainConfig", "evaluate": "pipelines.evaluate:EvalConfig",
+JOB_CONFIGS = {"train": "pipelines.train.job:TrainJobConfig", "encode": "pipelines.encode:EncodeConfig",
+               "vae": "pipelines.vae_train:VAETrainConfig", "evaluate": "pipelines.evaluate.job:EvalConfig",
                "quickstart": "pipelines.quickstart:QuickstartConfig"}
 
 
@@ -119,7 +119,7 @@ def _read_yaml(path: str | Path) -> dict:
 
 def _merged(path, overrides: list[str]) -> dict:
     """The config file (if any) with key=value overrides on top, as load_config merges them."""
-    from pipelines.config import apply_overrides, parse_overrides
+    from pipelines.core.config import apply_overrides, parse_overrides
 
     return apply_overrides(_read_yaml(path) if path else {}, parse_overrides(overrides))
 

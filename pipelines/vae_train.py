@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from flowar.config import ConfigError
-from pipelines import storage
-from pipelines.config import (MLflowConfig, RayConfig, add_print_config, default_storage_path,
+from pipelines.core import storage
+from pipelines.core.config import (MLflowConfig, RayConfig, add_print_config, default_storage_path,
                               load_config, path_field)
-from pipelines.sources import SourceConfig
+from pipelines.data.sources import SourceConfig
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _train_worker(config: dict) -> None:
     import torch.nn.functional as F
 
     from flowar.config import from_dict
-    from pipelines import mlflow_utils
+    from pipelines.core import tracking
 
     cfg = from_dict(VAETrainConfig, config["cfg"])
     t, ctx = cfg.train, ray.train.get_context()
@@ -147,7 +147,7 @@ def _train_worker(config: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)
     held = images[:8].float().div(127.5).sub(1).to(device)
-    client = mlflow_utils.client(config["mlflow_uri"]) if rank == 0 else None
+    client = tracking.client(config["mlflow_uri"]) if rank == 0 else None
     run_id = config["run_id"]
 
     def log_grid(step):
@@ -155,7 +155,7 @@ def _train_worker(config: dict) -> None:
         with torch.no_grad():
             recon = vae.decode(vae.encode(held).latent_dist.mean).sample
         model.train()
-        mlflow_utils.log_image(client, run_id, _grid(held.cpu(), recon.cpu()),
+        tracking.log_image(client, run_id, _grid(held.cpu(), recon.cpu()),
                                f"reconstructions/step_{step:06d}.png")
 
     start, sums = time.time(), {"loss": 0.0, "recon_mse": 0.0, "kl": 0.0}
@@ -174,7 +174,7 @@ def _train_worker(config: dict) -> None:
             n = t.log_every if step % t.log_every == 0 else step % t.log_every
             metrics = {k: v / n for k, v in sums.items()}
             metrics["images_per_s"] = step * t.batch_size * ctx.get_world_size() / (time.time() - start)
-            mlflow_utils.log_metrics(client, run_id, metrics, step)
+            tracking.log_metrics(client, run_id, metrics, step)
             sums = dict.fromkeys(sums, 0.0)
         if rank == 0 and (step % t.image_every == 0 or step == t.steps):
             log_grid(step)
@@ -192,20 +192,20 @@ def _train_worker(config: dict) -> None:
         checkpoint = None
         if rank == 0:
             vae.save_pretrained(tmp)
-            mlflow_utils.log_metrics(client, run_id, {f"final_{k}": v for k, v in final.items()}, t.steps)
+            tracking.log_metrics(client, run_id, {f"final_{k}": v for k, v in final.items()}, t.steps)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(final, checkpoint=checkpoint)
 
 
 def _init_ray(cfg: VAETrainConfig):
-    from pipelines.ray_runtime import init_ray
+    from pipelines.core.ray_runtime import init_ray
     # the data stage needs CPU beside the workers (docs/stack-facts.md, "CPU budget for Ray Data")
     return init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)
 
 
 def _good_images(batch: dict, source: dict, resolution: int) -> dict:
     """decode_items, keeping only the images that decoded (rejects are skipped, not fatal)."""
-    from pipelines.sources import decode_items
+    from pipelines.data.sources import decode_items
     out = decode_items(batch, source, resolution)
     return {"image": out["image"][out["reason"] == ""]}
 
@@ -213,7 +213,7 @@ def _good_images(batch: dict, source: dict, resolution: int) -> dict:
 def _images_dataset(cfg: VAETrainConfig, ray):
     """Decoded, cropped uint8 images of the source as a materialised Ray Dataset (rejects dropped)."""
     from flowar.config import to_dict
-    from pipelines.sources import list_items
+    from pipelines.data.sources import list_items
     items, _ = list_items(cfg.source)
     size = 2000
     rows = [{"shard": i // size, "keys": [k for k, _, _ in items[i:i + size]],
@@ -228,7 +228,7 @@ def _images_dataset(cfg: VAETrainConfig, ray):
 def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
     """Train (or reuse) the VAE at cfg.output; returns the output location."""
     from flowar.config import from_dict, to_dict
-    from pipelines import mlflow_utils
+    from pipelines.core import tracking
 
     from_dict(VAETrainConfig, to_dict(cfg))  # every config check again: cfg may have been edited
     if storage.exists(storage.join(cfg.output, "config.json")) and not cfg.overwrite:
@@ -236,11 +236,11 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
               "(set overwrite=true to train again)", file=sys.stderr)
         return cfg.output
     uri = cfg.mlflow.resolved_uri()
-    mlflow_utils.check_reachable(uri)
+    tracking.check_reachable(uri)
     run_name = cfg.mlflow.run_name or f"vae-{uuid.uuid4().hex[:6]}"
-    run_id, _ = mlflow_utils.start_or_resume_run(uri, cfg.mlflow.experiment, run_name,
+    run_id, _ = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name,
                                                  cfg.mlflow.artifact_location)
-    mlflow_utils.log_config(uri, run_id, cfg, config_path, {"job": "vae-train",
+    tracking.log_config(uri, run_id, cfg, config_path, {"job": "vae-train",
                                                             "output": storage.display(cfg.output)})
     status = "FAILED"
     try:
@@ -257,7 +257,7 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
             run_config=ray.train.RunConfig(name=f"vae-train-{run_id[:8]}-{uuid.uuid4().hex[:4]}",
                                            storage_path=cfg.ray.storage_path or default_storage_path()),
             datasets={"train": dataset})
-        from pipelines.progress import follow
+        from pipelines.core.progress import follow
 
         # step/total, loss, images/s and time left from rank 0's MLflow metrics while fit() runs
         with follow(uri, run_id, total=cfg.train.steps, log_every=cfg.train.log_every,
@@ -274,7 +274,7 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
               + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, float)),
               file=sys.stderr)
     finally:
-        mlflow_utils.end_run(uri, run_id, status)
+        tracking.end_run(uri, run_id, status)
     return cfg.output
 
 

@@ -1,6 +1,6 @@
-"""The bundled data's one lookup (pipelines/bundled_data.py) and `make`'s first step.
+"""The bundled data's one lookup (pipelines/data/bundled.py) and `make`'s first step.
 
-Every stage finds Fashion-MNIST the same way; `python -m pipelines.bundled_data ensure` (run by
+Every stage finds Fashion-MNIST the same way; `python -m pipelines.data.bundled ensure` (run by
 `make quickstart` and `make test` before installing anything) says where the data is or fails with
 one line that says what to run, without installing or downloading anything when it cannot.
 """
@@ -22,7 +22,7 @@ def _fake_idx_folder(folder: Path, count: int = 3) -> Path:
     """The four IDX files with `count` distinct 28x28 images (pixel value = index)."""
     import numpy as np
 
-    from pipelines.bundled_data import FILES
+    from pipelines.data.bundled import FILES
 
     folder.mkdir(parents=True, exist_ok=True)
     for images, labels in FILES.values():
@@ -37,21 +37,21 @@ def _fake_idx_folder(folder: Path, count: int = 3) -> Path:
 @pytest.fixture
 def nowhere(monkeypatch, tmp_path):
     """A machine without the data: no Debian folder, an empty cache, no apt, no download host."""
-    from pipelines import bundled_data
+    from pipelines.data import bundled
 
-    monkeypatch.setattr(bundled_data, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(bundled, "DEBIAN_DIR", tmp_path / "no-debian")
     monkeypatch.setenv("FLOWAR_DATA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FLOWAR_FASHION_MNIST", raising=False)
     monkeypatch.setenv("FLOWAR_FASHION_MNIST_URL", "http://127.0.0.1:9/")  # discard port: refused
-    monkeypatch.setattr(bundled_data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bundled.shutil, "which", lambda name: None)
     return tmp_path
 
 
 def test_every_stage_reads_the_same_files(monkeypatch, tmp_path):
     """encode's source, the classifier and evaluate's reference all read FLOWAR_FASHION_MNIST."""
-    from pipelines.classifier import load_fashion_mnist
-    from pipelines.eval_worker import parse_source
-    from pipelines.sources import SourceConfig, list_items
+    from pipelines.evaluate.classifier import load_fashion_mnist
+    from pipelines.evaluate.worker import parse_source
+    from pipelines.data.sources import SourceConfig, list_items
 
     folder = _fake_idx_folder(tmp_path / "fm", count=3)
     monkeypatch.setenv("FLOWAR_FASHION_MNIST", str(folder))
@@ -64,7 +64,7 @@ def test_every_stage_reads_the_same_files(monkeypatch, tmp_path):
 
 
 def test_incomplete_folder_is_named(monkeypatch, nowhere):
-    from pipelines.bundled_data import MissingData, fashion_mnist_dir
+    from pipelines.data.bundled import MissingData, fashion_mnist_dir
 
     folder = _fake_idx_folder(nowhere / "fm")
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -77,25 +77,25 @@ def test_incomplete_folder_is_named(monkeypatch, nowhere):
 
 def test_lookup_order(monkeypatch, nowhere):
     """The explicit folder wins over Debian's, which wins over an earlier download's cache."""
-    from pipelines import bundled_data
+    from pipelines.data import bundled
 
     debian = _fake_idx_folder(nowhere / "debian")
     cache = _fake_idx_folder(nowhere / "cache" / "FashionMNIST" / "raw")
-    monkeypatch.setattr(bundled_data, "DEBIAN_DIR", debian)
-    assert bundled_data.fashion_mnist_dir(download=False) == debian
+    monkeypatch.setattr(bundled, "DEBIAN_DIR", debian)
+    assert bundled.fashion_mnist_dir(download=False) == debian
     debian_file = debian / "train-images-idx3-ubyte.gz"
     debian_file.unlink()
-    assert bundled_data.fashion_mnist_dir(download=False) == cache
+    assert bundled.fashion_mnist_dir(download=False) == cache
     mine = _fake_idx_folder(nowhere / "mine")
     monkeypatch.setenv("FLOWAR_FASHION_MNIST", str(mine))
-    assert bundled_data.fashion_mnist_file("train", "labels") == mine / "train-labels-idx1-ubyte.gz"
+    assert bundled.fashion_mnist_file("train", "labels") == mine / "train-labels-idx1-ubyte.gz"
 
 
 def test_ensure_fails_at_once_with_what_to_run(nowhere, capsys):
     """No data, no apt, no download host: one line naming the command, exit status 1."""
-    from pipelines import bundled_data
+    from pipelines.data import bundled
 
-    assert bundled_data.main(["ensure"]) == 1
+    assert bundled.main(["ensure"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "apt-get install dataset-fashion-mnist" in err and "FLOWAR_FASHION_MNIST" in err
@@ -108,7 +108,7 @@ def test_ensure_reports_found_data_with_system_python(tmp_path):
     folder = _fake_idx_folder(tmp_path / "fm")
     env = {"PATH": os.environ["PATH"], "FLOWAR_FASHION_MNIST": str(folder), "PYTHONNOUSERSITE": "1"}
     # -S: no site-packages at all, so an import of numpy/torch/yaml would fail here.
-    out = subprocess.run([sys.executable, "-S", "-m", "pipelines.bundled_data", "ensure"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-S", "-m", "pipelines.data.bundled", "ensure"], cwd=ROOT,
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"Fashion-MNIST: {folder}"
@@ -126,5 +126,5 @@ def test_make_checks_the_data_before_installing(tmp_path, target):
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines()
                 if line and not line.startswith(("#", "make["))]
-    assert "pipelines.bundled_data ensure" in commands[0], commands
+    assert "pipelines.data.bundled ensure" in commands[0], commands
     assert any("-m venv" in c for c in commands[1:]), commands

@@ -1,5 +1,5 @@
 """clusters/: every manifest and launcher YAML parses and passes a schema check, and
-pipelines/storage.py works on real filesystems (local and an fsspec one).
+pipelines/core/storage.py works on real filesystems (local and an fsspec one).
 
 KubeRay has no Python validator here, so the RayCluster/RayJob fields we use are described
 below (KUBERAY_SCHEMA, from the ray.io/v1 CRDs) and the manifests may use only those. Launcher
@@ -282,7 +282,7 @@ def test_rayjob_runs_a_real_flowar_command_with_a_valid_config():
         config = Path(argv[2].replace(IMAGE_IN_DOCKERFILE, str(ROOT)))
         assert config.is_file(), f"{argv[2]} is not in the image (repository)"
         if argv[1] == "train":  # the overrides name real config keys (unknown keys are errors)
-            from pipelines.train import load_train_config
+            from pipelines.train.job import load_train_config
             cfg = load_train_config(config, argv[3:])
             assert cfg.ray.storage_path.startswith("/mnt/cluster_storage/")
         sub = spec["submitterPodTemplate"]["spec"]["containers"][0]
@@ -352,7 +352,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_storage_round_trip_through_a_non_local_filesystem(tmp_path):
-    from pipelines import storage
+    from pipelines.core import storage
 
     src = tmp_path / "ckpt"
     (src / "model").mkdir(parents=True)
@@ -374,7 +374,7 @@ def test_storage_round_trip_through_a_non_local_filesystem(tmp_path):
 def test_storage_local_paths_and_uris(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
-    from pipelines import storage
+    from pipelines.core import storage
 
     fs, path = storage.resolve(f"file://{tmp_path}")
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path)
@@ -400,7 +400,7 @@ def test_storage_local_paths_and_uris(tmp_path, monkeypatch):
 def test_jobs_log_to_the_mlflow_server_the_pods_name(monkeypatch, tmp_path):
     """Ray pods set MLFLOW_TRACKING_URI (the cluster's server); a job config that names no
     store uses it, else the local SQLite store."""
-    from pipelines.config import MLflowConfig
+    from pipelines.core.config import MLflowConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FLOWAR_HOME", str(tmp_path))

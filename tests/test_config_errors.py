@@ -94,7 +94,7 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_refuses_at_config_read_print_config_and_run(case, tmp_path, home, capsys):
-    from pipelines.train import load_train_config
+    from pipelines.train.job import load_train_config
 
     overrides, keys = TRAIN_CASES[case]
     args = [f"data.path={tmp_path / 'latents'}", *overrides]
@@ -114,7 +114,7 @@ def test_train_refuses_at_config_read_print_config_and_run(case, tmp_path, home,
 ])
 def test_run_training_refuses_an_edited_config_before_mlflow_and_ray(edit, keys, tmp_path, home):
     """Callers that build a config and then change it (sweeps, notebooks) meet the same checks."""
-    from pipelines.train import load_train_config, run_training
+    from pipelines.train.job import load_train_config, run_training
 
     args = [f"data.path={tmp_path / 'latents'}"]
     cfg = load_train_config(TINY, args)  # valid
@@ -173,7 +173,7 @@ ENCODE_CASES = {
 
 @pytest.mark.parametrize("case", list(ENCODE_CASES))
 def test_encode_refuses_at_config_read_print_config_and_run(case, tmp_path, vae_folder, home, capsys):
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.encode import EncodeConfig, load_encode_config, run_encode
 
     (tmp_path / "no-config").mkdir()
@@ -250,7 +250,7 @@ VAE_CASES = {
 
 @pytest.mark.parametrize("case", list(VAE_CASES))
 def test_vae_train_refuses_at_config_read_print_config_and_run(case, tmp_path, home, capsys):
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.vae_train import VAETrainConfig
 
     overrides, keys = VAE_CASES[case]
@@ -265,7 +265,7 @@ def test_vae_train_refuses_at_config_read_print_config_and_run(case, tmp_path, h
 
 
 def test_run_vae_train_refuses_an_edited_config_before_mlflow(tmp_path, home):
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.vae_train import VAETrainConfig, run_vae_train
 
     cfg = load_config(VAETrainConfig, VAE, [f"output={tmp_path / 'vae'}"])
@@ -293,8 +293,8 @@ def test_evaluate_and_sample_refuse_a_sampler_the_export_cannot_use(solver, diff
                                                                     home, tmp_path, capsys):
     """The export's objective is read from its config.json when the config is read, so neither
     --print-config nor the run gets to generate() with it."""
-    from pipelines.evaluate import EvalConfig, check_sampler_for_export
-    from pipelines.config import load_config
+    from pipelines.evaluate.job import EvalConfig, check_sampler_for_export
+    from pipelines.core.config import load_config
 
     cfg = load_config(EvalConfig, ROOT / "configs" / "eval-quickstart.yaml",
                       [f"generation.checkpoint={diffusion_export}", f"sampler.solver={solver}"])

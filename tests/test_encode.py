@@ -31,7 +31,7 @@ def tiny_vae(tmp_path_factory):
 
 
 def _config(vae, output, *overrides):
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.encode import EncodeConfig
     return load_config(EncodeConfig, None, [f"vae.spec={vae}", f"output={output}", *overrides])
 
@@ -58,8 +58,8 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
 
     from flowar.vae import encode_moments, load_vae
     from pipelines.encode import run_encode
-    from pipelines.latents import TorchLatentDataset, ray_dataset, read_metadata, sample_latents
-    from pipelines.sources import preprocess
+    from pipelines.data.latents import LatentDataset, TorchLatentDataset, sample_latents
+    from pipelines.data.sources import preprocess
     _image_folder(tmp_path / "images")
     out = tmp_path / "latents"
     summary = run_encode(_config(tiny_vae, out, "source.kind=folder", f"source.path={tmp_path / 'images'}",
@@ -73,7 +73,7 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
     assert "truncated" in rejects["cat/truncated.jpg"].lower()
     assert "UnidentifiedImageError" in rejects["dog/notes.txt"]
 
-    meta = read_metadata(str(out))
+    meta = LatentDataset(str(out)).meta
     assert meta.class_names == ["cat", "dog"] and meta.num_classes == 2 and meta.flip
     assert (meta.latent_size, meta.latent_channels, meta.scales) == (8, 4, [1, 2, 8])
     assert meta.image_scales == [2, 4]
@@ -114,7 +114,7 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
     torch.testing.assert_close(sample_latents(mean[0], torch.zeros_like(mean[0]), meta),
                                (mean[0] - 0.05) * 0.7)
 
-    rows = ray_dataset(str(out)).take_all()
+    rows = LatentDataset(str(out)).ray_dataset().take_all()
     assert len(rows) == 7 and rows[0]["mean"].shape == (4, 8, 8) and rows[0]["mean_s2"].shape == (4, 2, 2)
     assert rows[0]["mean_img4"].shape == (4, 4, 4) and rows[0]["std_flip_img2"].shape == (4, 2, 2)
 
@@ -122,10 +122,10 @@ def test_image_folder_with_bad_files(tmp_path, ray_local, tiny_vae):
 def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     """A real kill: the job runs in another process (a Ray driver on the same cluster) and gets
     SIGKILL after some parts are written; the re-run keeps them and does the rest."""
-    from pipelines.bundled_data import fashion_mnist_file
+    from pipelines.data.bundled import fashion_mnist_file
     from pipelines.encode import HOLD_ENV, run_encode
-    from pipelines.latents import TorchLatentDataset, list_parts, read_metadata
-    from pipelines.sources import _idx
+    from pipelines.data.latents import LatentDataset, TorchLatentDataset
+    from pipelines.data.sources import _idx
     out = tmp_path / "fm"
     overrides = ["source.kind=fashion-mnist", "source.limit=960", "encode.shard_size=40",
                  "encode.batch_size=20", "encode.flip=false"]
@@ -140,12 +140,12 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "RAY_AUTH_MODE": "token"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while proc.poll() is None and sum(len(v) for v in list_parts(str(out)).values()) < 2:
+    while proc.poll() is None and sum(len(v) for v in LatentDataset(str(out)).parts().values()) < 2:
         time.sleep(0.1)  # waits on the parts the job writes; the hold keeps it from finishing
     assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {p: os.stat(p).st_mtime_ns for ranges in list_parts(str(out)).values() for _, _, p in ranges}
+    before = {p: os.stat(p).st_mtime_ns for ranges in LatentDataset(str(out)).parts().values() for _, _, p in ranges}
     assert len(before) == 2, "killed while held after 2 parts"
     assert not (out / "metadata.json").exists()
 
@@ -157,7 +157,7 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     assert sorted(data.keys) == [f"fashion-mnist/train/{i:05d}" for i in range(960)]  # no dups, no gaps
     labels = _idx(str(fashion_mnist_file("train", "labels")), 8)[:960]
     assert [int(labels[int(k[-5:])]) for k in data.keys] == data.labels.tolist()
-    meta = read_metadata(str(out))
+    meta = LatentDataset(str(out)).meta
     assert meta.count == 960 and meta.class_names[9] == "Ankle boot" and meta.source["kind"] == "fashion-mnist"
     assert not [p for p in out.rglob(".tmp-*")]
 
@@ -166,7 +166,7 @@ def test_mismatches_and_unknown_keys_refused(tmp_path, tiny_vae):
     from flowar.config import ConfigError, FlowARConfig
     from pipelines.cli import main
     from pipelines.encode import _job_record, _prepare_output
-    from pipelines.latents import LatentDatasetMeta, check_compatible
+    from pipelines.data.latents import LatentDataset, LatentDatasetMeta, check_compatible
     meta = LatentDatasetMeta(latent_size=8, latent_channels=4, num_classes=10, vae={"id": "v", "sha256": "a"})
     ok = FlowARConfig(latent_channels=4, scales=(1, 2, 4, 8), num_classes=10)
     check_compatible(meta, ok)

@@ -27,7 +27,7 @@ def export(tmp_path_factory):
 
     from flowar import FlowAR
     from flowar.vae import load_vae
-    from pipelines.latents import LatentDatasetMeta
+    from pipelines.data.latents import LatentDatasetMeta
 
     d = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
@@ -46,8 +46,8 @@ def export(tmp_path_factory):
 def runs(ray_local, export, tmp_path_factory):
     """The same evaluation with 1 and with 2 workers, then the 2-worker one resumed after losing
     one shard file."""
-    from pipelines.config import load_config
-    from pipelines.evaluate import EvalConfig, main
+    from pipelines.core.config import load_config
+    from pipelines.evaluate.job import EvalConfig, main
 
     import mlflow
 
@@ -82,7 +82,7 @@ def runs(ray_local, export, tmp_path_factory):
 
 
 def _images(report):
-    from pipelines.eval_run import summarise_shards
+    from pipelines.evaluate.shards import summarise_shards
 
     files = sorted((os.path.join(report["output_dir"], "shards", f))
                    for f in os.listdir(os.path.join(report["output_dir"], "shards")) if f.endswith(".npz"))
@@ -158,9 +158,9 @@ def test_sample_cli_writes_grid_and_files_of_the_evaluated_samples(runs, export,
 def test_bad_inputs_fail_before_work(runs, export, tmp_path):
     from flowar.config import ConfigError
     from pipelines.cli import main as cli
-    from pipelines.config import load_config
-    from pipelines.evaluate import EvalConfig, main
-    from pipelines.inception import CONVERTED_FILE
+    from pipelines.core.config import load_config
+    from pipelines.evaluate.job import EvalConfig, main
+    from pipelines.evaluate.inception import CONVERTED_FILE
 
     with pytest.raises(ConfigError, match="generation.checkpoint"):
         load_config(EvalConfig, None, ["reference.source=fashion-mnist"])

@@ -17,7 +17,7 @@ def weights(tmp_path_factory):
     a random fc standing in for a real logits layer."""
     import torch
 
-    from pipelines.inception import convert_fid_helper, fid_helper_torchscript
+    from pipelines.evaluate.inception import convert_fid_helper, fid_helper_torchscript
 
     src = fid_helper_torchscript()
     if src is None:
@@ -37,8 +37,8 @@ def image_sets(tmp_path_factory):
     """Two folders of different real Fashion-MNIST test images, 32x32 RGB PNG."""
     from PIL import Image
 
-    from pipelines.bundled_data import fashion_mnist_file
-    from pipelines.eval_worker import read_idx_images
+    from pipelines.data.bundled import fashion_mnist_file
+    from pipelines.evaluate.worker import read_idx_images
 
     path = fashion_mnist_file("test", "images")
     images = read_idx_images(path)
@@ -57,7 +57,7 @@ def image_sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(weights, image_sets):
     """Our worker's statistics, features and logits of both sets (one shard each)."""
-    from pipelines.eval_worker import EvalWorker, parse_source
+    from pipelines.evaluate.worker import EvalWorker, parse_source
 
     worker = EvalWorker({"weights": str(weights["with_logits"])}, None, "cpu")
     assert worker.inception.has_logits
@@ -71,7 +71,7 @@ def test_converted_weights_match_torchscript(weights):
     import torch
     from PIL import Image
 
-    from pipelines.inception import InceptionFeatures
+    from pipelines.evaluate.inception import InceptionFeatures
 
     ext = InceptionFeatures(str(weights["pool_only"]))
     img = Image.open(Path(np.__file__).parents[1] / "sklearn/datasets/images/china.jpg").convert("RGB")
@@ -85,8 +85,8 @@ def test_converted_weights_match_torchscript(weights):
 
 
 def test_inception_score_refused_without_logits(weights):
-    from pipelines.inception import InceptionFeatures
-    from pipelines.metrics import inception_score
+    from pipelines.evaluate.inception import InceptionFeatures
+    from pipelines.evaluate.metrics import inception_score
 
     assert InceptionFeatures(str(weights["pool_only"])).has_logits is False
     with pytest.raises(ValueError, match="unavailable"):
@@ -97,7 +97,7 @@ def test_metrics_equal_torch_fidelity(weights, image_sets, ours):
     """FID, KID, precision/recall and IS of our sharded pipeline = torch-fidelity's single process."""
     import torch_fidelity
 
-    from pipelines import metrics as M
+    from pipelines.evaluate import metrics as M
 
     tf = torch_fidelity.calculate_metrics(
         input1=str(image_sets[0]), input2=str(image_sets[1]), cuda=False, fid=True, kid=True,
@@ -118,14 +118,14 @@ def test_metrics_equal_torch_fidelity(weights, image_sets, ours):
 
 
 def test_fid_of_a_set_against_itself_is_zero(ours):
-    from pipelines import metrics as M
+    from pipelines.evaluate import metrics as M
 
     a = M.FeatureStats.from_arrays(ours[0])
     assert abs(M.fid(*a.mu_sigma(), *a.mu_sigma())) < 1e-3
 
 
 def test_merged_statistics_of_1_and_3_shards_are_equal(ours):
-    from pipelines import metrics as M
+    from pipelines.evaluate import metrics as M
 
     f = ours[0]["features"].astype(np.float64)
     whole = M.FeatureStats.of(f)
@@ -141,7 +141,7 @@ def test_merged_statistics_of_1_and_3_shards_are_equal(ours):
 
 
 def test_reference_npz_roundtrip_and_errors(tmp_path, ours):
-    from pipelines import metrics as M
+    from pipelines.evaluate import metrics as M
 
     stats = M.FeatureStats.from_arrays(ours[1])
     M.save_reference(tmp_path / "ref.npz", stats, meta={"source": "test"})

@@ -3,7 +3,7 @@
 tests/test_ablations.py trains each switch unwrapped in one process, which cannot see what only a
 distributed wrapper checks: DDP (find_unused_parameters=False, as Ray Train's prepare_model uses)
 fails when a parameter gets no gradient, and FSDP2 silently leaves such a parameter's gradient None.
-Here each switch runs 2 optimizer steps through `pipelines.train_loop.LossModule` (and
+Here each switch runs 2 optimizer steps through `pipelines.train.loop.LossModule` (and
 `shard_model` for FSDP2), as `flowar train` does, at world sizes 1 and 2. Each world size is one
 spawned process group that loops over every (strategy, switch) case and writes its per-case
 results to a JSON file per rank; the tests below read those files, one test per case.
@@ -68,9 +68,9 @@ def _train_case(strategy: str, overrides: dict, rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from flowar import FlowAR
-    from pipelines.train_loop import LossModule, shard_model
+    from pipelines.train.loop import LossModule, shard_model
 
-    torch.manual_seed(0)  # the same init on every rank, as train_loop does
+    torch.manual_seed(0)  # the same init on every rank, as pipelines/train/loop.py does
     model = FlowAR.from_preset("tiny", **{**BASE, **overrides}).train()
     wrapper = LossModule(model)
     if strategy == "fsdp":
@@ -82,7 +82,7 @@ def _train_case(strategy: str, overrides: dict, rank: int, world: int) -> dict:
     before = [_local(p).detach().clone() for p in model.parameters()]
     losses, no_grad, bad_grad = [], set(), set()
     for step in range(STEPS):
-        torch.manual_seed(1000 * rank + step)  # label drop, t and noise, as train_loop reseeds
+        torch.manual_seed(1000 * rank + step)  # label drop, t and noise, as pipelines/train/loop.py reseeds
         total, per_scale = step_fn(*_batch(model.config, rank, step))
         total.backward()
         for name, p in model.named_parameters():

@@ -1,4 +1,4 @@
-"""Every path a user gives means the same place on every process (pipelines.config path fields).
+"""Every path a user gives means the same place on every process (pipelines.core.config path fields).
 
 A job reads its config where the user typed the command; Ray's workers and Tune's trials run in
 directories of their own. So `load_config` makes every path absolute and fills the defaults that
@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _jobs():
     """(job, config class, overrides giving a relative path to every path field it has)."""
     from pipelines.encode import EncodeConfig
-    from pipelines.evaluate import EvalConfig
+    from pipelines.evaluate.job import EvalConfig
     from pipelines.quickstart import QuickstartConfig
-    from pipelines.train import TrainJobConfig
+    from pipelines.train.job import TrainJobConfig
     from pipelines.vae_train import VAETrainConfig
 
     return {
@@ -48,7 +48,7 @@ def user_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("job", ["train", "encode", "vae train", "evaluate", "quickstart"])
 def test_relative_paths_become_absolute_in_the_users_directory(user_dir, job, monkeypatch):
-    from pipelines.config import load_config, path_fields, resolve_paths
+    from pipelines.core.config import load_config, path_fields, resolve_paths
 
     cls, overrides = _jobs()[job]
     cfg = load_config(cls, None, overrides)
@@ -75,8 +75,8 @@ def test_relative_paths_become_absolute_in_the_users_directory(user_dir, job, mo
 @pytest.mark.parametrize("home", ["", "custom-home"])
 def test_defaults_land_under_flowar_home(user_dir, monkeypatch, home):
     """No tracking URI, no storage path: ./flowar-runs (or $FLOWAR_HOME) of the user's directory."""
-    from pipelines.config import load_config
-    from pipelines.train import TrainJobConfig
+    from pipelines.core.config import load_config
+    from pipelines.train.job import TrainJobConfig
 
     if home:
         monkeypatch.setenv("FLOWAR_HOME", home)  # a relative FLOWAR_HOME is the user's directory's
@@ -87,9 +87,9 @@ def test_defaults_land_under_flowar_home(user_dir, monkeypatch, home):
 
 
 def test_uris_hub_ids_and_named_sources_stay_as_given(user_dir, monkeypatch):
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.encode import EncodeConfig
-    from pipelines.evaluate import EvalConfig
+    from pipelines.evaluate.job import EvalConfig
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     enc = load_config(EncodeConfig, None, ["vae.spec=stabilityai/sd-vae-ft-ema",
@@ -108,8 +108,8 @@ def test_uris_hub_ids_and_named_sources_stay_as_given(user_dir, monkeypatch):
 
 def test_submit_reads_paths_as_given(user_dir):
     """flowar submit: relative paths are the job's business on the cluster (its working dir)."""
-    from pipelines.config import load_config, paths_as_given
-    from pipelines.train import TrainJobConfig
+    from pipelines.core.config import load_config, paths_as_given
+    from pipelines.train.job import TrainJobConfig
 
     with paths_as_given():
         cfg = load_config(TrainJobConfig, None, ["data.path=./lat"])

@@ -1,4 +1,4 @@
-"""Driver-side progress (pipelines.progress): what the renderer prints for synthetic records, and
+"""Driver-side progress (pipelines.core.progress): what the renderer prints for synthetic records, and
 the follower reading a real MLflow SQLite store that the test itself logs to, as rank 0 would."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from pipelines.progress import (ProgressFollower, ProgressRecord, ProgressRenderer, eta_seconds,
+from pipelines.core.progress import (ProgressFollower, ProgressRecord, ProgressRenderer, eta_seconds,
                                 format_duration, format_line)
 
 

@@ -28,7 +28,7 @@ def test_quickstart_small_trained_beats_untrained(ray_local, tmp_path):
     import torch
 
     from flowar import FlowAR
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.quickstart import QuickstartConfig, class_accuracy, evaluate_export, run_quickstart
 
     cfg = load_config(QuickstartConfig, None, [f"home={tmp_path}"] + SMALL)

@@ -310,7 +310,7 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
     nothing went into the job's working dir (Ray's temp copy) or the shell's own FLOWAR_HOME."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.latents import read_metadata
+    from pipelines.data.latents import LatentDataset
 
     shell, laptop_home, latents = tmp_path / "elsewhere", tmp_path / "laptop-home", tmp_path / "latents"
     shell.mkdir()
@@ -326,7 +326,7 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
     encode_id = stdout.splitlines()[0]
     assert encode_id.startswith("raysubmit_") and "uploading working dir" in stderr
     assert f"job {encode_id} succeeded (exit status 0)" in stderr
-    meta = read_metadata(str(latents))
+    meta = LatentDataset(str(latents)).meta
     assert (meta.count, meta.latent_size, meta.latent_channels) == (48, 4, 4)
 
     # 2. train with no tracking URI, storage path or export dir given.

@@ -136,7 +136,7 @@ def test_missing_relative_data_path_is_refused_before_any_trial(tmp_path, monkey
 
 
 def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, tmp_path):
-    from pipelines.sweep_config import load_sweep, validate
+    from pipelines.sweep.config import load_sweep, validate
 
     sweep, base = load_sweep(write_sweep(tmp_path, "combo", {
         "model.head": {"grid": ["per_scale", "per_token"]},
@@ -146,7 +146,7 @@ def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, t
 
 
 def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
-    from pipelines.sweep_config import load_sweep, validate
+    from pipelines.sweep.config import load_sweep, validate
 
     # the quickstart's 4x8x8 latents and ImageNet's 16x16x16, both with the image pyramid
     tiny = make_dataset(tmp_path / "fmnist", count=8, side=8, image_scales=(1, 2, 4))
@@ -169,7 +169,7 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
     sweep, _ = load_sweep(SWEEPS / "table4-scales.yaml")
     assert sweep.search["model.scales"]["grid"] == [[1, 2, 4, 8, 16], [1, 4, 8, 16], [1, 4, 16]]
     # Where the axes change what the loss measures, the summary says "best by loss" means nothing.
-    from pipelines.sweep_summary import loss_caveat
+    from pipelines.sweep.summary import loss_caveat
     for name, caveat in (("table3-scale-construction", "model.scale_construction"),
                          ("table5-head-objective", "model.objective"), ("table6-injection", "")):
         sweep, base = load_sweep(SWEEPS / f"{name}-tiny.yaml")
@@ -187,7 +187,7 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
 
 def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
         ray_local, dataset, tmp_path, monkeypatch):
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.job import run_sweep
 
     # The defaults a user gets: run from their own directory with a relative data.path, no
     # tracking URI, no storage path. Trials run in Ray's per-trial directories, yet every run
@@ -295,7 +295,7 @@ sys.exit(cli.main(["sweep", *sys.argv[2:]]))
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(
         ray_local, dataset, tmp_path, mlflow_uri):
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.job import run_sweep
 
     sweep = write_sweep(tmp_path, "resume", {"model.injection": {"grid": ["adaln", "addition"]}},
                         overrides=["train.max_steps=10"], scheduler={"type": "none"})

@@ -24,12 +24,12 @@ TINY = ROOT / "configs" / "train-tiny.yaml"
 
 def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
                  num_classes: int = 10, flip: bool = True, image_scales=(), std: float = 0.05) -> Path:
-    """A finished latent dataset written with the encode job's own writer (pipelines.latents).
+    """A finished latent dataset written with the encode job's own writer (pipelines.data.latents).
 
     Means are a per-class pattern plus a little noise, so the model has something to learn.
     The image-derived scale k (`image_scales`) is the latent area-pooled to k x k plus 1, a map
     that pooling the latent alone would not give."""
-    from pipelines.latents import LatentDatasetMeta, finalise, write_part
+    from pipelines.data.latents import LatentDataset, LatentDatasetMeta
 
     def pool(x, k):
         return x.reshape(*x.shape[:-2], k, side // k, k, side // k).mean(axis=(-3, -1)) + 1.0
@@ -56,8 +56,8 @@ def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
     half = count // 2  # two part files, like a real encode with two shards
     for shard, (a, b) in enumerate([(0, half), (half, count)]):
         part = {k: v[a:b] for k, v in columns.items()}
-        write_part(str(path), shard, a, b, part, [], meta)
-    finalise(str(path), meta)
+        LatentDataset(str(path)).write_part(shard, a, b, part, [], meta)
+    LatentDataset(str(path)).finalise(meta)
     return path
 
 
@@ -67,7 +67,7 @@ def dataset(tmp_path_factory):
 
 
 def job(dataset, tmp_path, mlflow_uri, *overrides):
-    from pipelines.train import load_train_config
+    from pipelines.train.job import load_train_config
 
     return load_train_config(TINY, [f"data.path={dataset}", f"mlflow.tracking_uri={mlflow_uri}",
                                     f"ray.storage_path={tmp_path / 'ray_results'}", *overrides])
@@ -142,7 +142,7 @@ def test_ema_averages_and_round_trips_its_state():
 
 
 def test_non_finite_loss_gives_a_stop_message_naming_the_step():
-    from pipelines.train_loop import non_finite_message
+    from pipelines.train.loop import non_finite_message
 
     assert non_finite_message(torch.tensor([1.0, 0.5]), 2.0, 7) == ""
     msg = non_finite_message(torch.tensor([float("nan"), 0.5]), 2.0, 7)
@@ -151,11 +151,11 @@ def test_non_finite_loss_gives_a_stop_message_naming_the_step():
 
 
 def test_data_order_is_a_function_of_seed_epoch_step_and_rank(tmp_path):
-    from pipelines.latents import TorchLatentDataset, read_metadata
-    from pipelines.train_data import BatchSource, load_shard
+    from pipelines.data.latents import LatentDataset, TorchLatentDataset
+    from pipelines.train.data import BatchSource, load_shard
 
     path = make_dataset(tmp_path / "d", count=32)
-    meta = read_metadata(str(path))
+    meta = LatentDataset(str(path)).meta
     data = TorchLatentDataset(str(path))
     whole = {"key": np.array(data.keys), "label": data.labels.numpy(),
              **{k: v.numpy() for k, v in data.columns.items()}}
@@ -177,11 +177,11 @@ def test_data_order_is_a_function_of_seed_epoch_step_and_rank(tmp_path):
 
 
 def test_image_scale_targets_come_from_their_columns_flipped_with_the_latent(tmp_path):
-    from pipelines.latents import TorchLatentDataset, read_metadata
-    from pipelines.train_data import BatchSource, load_shard
+    from pipelines.data.latents import LatentDataset, TorchLatentDataset
+    from pipelines.train.data import BatchSource, load_shard
 
     path = make_dataset(tmp_path / "d", count=32, image_scales=(1, 2), std=0.0)
-    meta = read_metadata(str(path))
+    meta = LatentDataset(str(path)).meta
     data = TorchLatentDataset(str(path))
     whole = {"key": np.array(data.keys), "label": data.labels.numpy(),
              **{k: v.numpy() for k, v in data.columns.items()}}
@@ -223,7 +223,7 @@ def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_pat
     import yaml
 
     from pipelines.cli import main
-    from pipelines.train import load_train_config
+    from pipelines.train.job import load_train_config
 
     # A dataset without image-derived scales is refused as the run refuses it...
     refused = [str(TINY), f"data.path={dataset}", "model.scale_construction=image"]
@@ -245,7 +245,7 @@ def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_pat
 
 
 def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset, tmp_path, mlflow_uri):
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     with pytest.raises(ConfigError, match="sampler.num_steps"):
         run_training(job(dataset, tmp_path, mlflow_uri, "sampler.num_steps=2"))
@@ -255,7 +255,7 @@ def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset
 
 
 def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path, mlflow_uri):
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     with pytest.raises(ConfigError, match=r"scale_construction.*image_pyramid=\[1, 2\]"):
         run_training(job(make_dataset(tmp_path / "img", count=8, image_scales=(1,)), tmp_path,
@@ -269,7 +269,7 @@ def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path
 
 
 def test_unreachable_mlflow_server_fails_at_start(dataset, tmp_path):
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     cfg = job(dataset, tmp_path, "http://127.0.0.1:9")  # discard port: connection refused
     with pytest.raises(ConfigError, match="unreachable"):
@@ -281,15 +281,15 @@ def test_unreachable_mlflow_server_fails_at_start(dataset, tmp_path):
 @pytest.fixture(scope="module")
 def ray_data(dataset, ray_local):
     """Read once for every run of this module (each Ray Data read costs ~20 s of task start-up)."""
-    from pipelines.latents import ray_dataset
+    from pipelines.data.latents import LatentDataset
 
-    return ray_dataset(str(dataset)).materialize()
+    return LatentDataset(str(dataset)).ray_dataset().materialize()
 
 
 @pytest.fixture(scope="module")
 def reference(dataset, ray_data, tmp_path_factory):
     """One uninterrupted DDP run (the baseline of the resume test)."""
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     tmp = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -326,7 +326,7 @@ def test_ddp_trains_and_logs_params_metrics_samples_and_model(reference):
 
 def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
         reference, dataset, ray_data, tmp_path, mlflow_uri):
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=rerun", "train.max_failures=0")
     with pytest.raises(Exception, match="injected fault"):
@@ -345,7 +345,7 @@ def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
 
 def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_count(
         dataset, ray_data, tmp_path, mlflow_uri):
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp")
     marker = tmp_path / "killed-once"
@@ -372,7 +372,7 @@ def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_coun
 
 
 def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tmp_path, mlflow_uri):
-    from pipelines.train import TrainingDiverged, run_training
+    from pipelines.train.job import TrainingDiverged, run_training
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=nan", "train.base_lr=1e9",
               "train.warmup_steps=0", "train.grad_clip=0")
@@ -386,13 +386,13 @@ def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tm
 def test_image_scale_construction_trains_through_ray_train(tmp_path, ray_local, mlflow_uri):
     """Table 3's "image" pyramid end to end: the workers read the image-derived columns."""
     from flowar import FlowAR
-    from pipelines.latents import ray_dataset
-    from pipelines.train import run_training
+    from pipelines.data.latents import LatentDataset
+    from pipelines.train.job import run_training
 
     path = make_dataset(tmp_path / "img", count=32, image_scales=(1, 2))
     cfg = job(path, tmp_path, mlflow_uri, "mlflow.run_name=image", "model.scale_construction=image",
               "train.max_steps=10", "train.checkpoint_every=10")
-    result = run_training(cfg, dataset=ray_dataset(str(path)).materialize())
+    result = run_training(cfg, dataset=LatentDataset(str(path)).ray_dataset().materialize())
     assert result.metrics["step"] == 10 and math.isfinite(result.metrics["loss"])
     c, runs = mlflow_run(mlflow_uri, "image")
     assert runs[0].data.params["model.scale_construction"] == "image"
@@ -409,7 +409,7 @@ def test_injections_without_semantics_proj_train_through_ray_train(
     """The two injections whose unused semantics projection crashed DDP in the Table 6 sweep
     (issue 13): 2 workers, a few steps, the model exported without that projection."""
     from flowar import FlowAR
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     name = f"{strategy}-{injection}"
     cfg = job(dataset, tmp_path, mlflow_uri, f"mlflow.run_name={name}", f"train.strategy={strategy}",

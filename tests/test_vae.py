@@ -90,7 +90,7 @@ def test_vae_train_writes_loadable_vae_and_mlflow_run(tmp_path, ray_local, mlflo
     import torch
 
     from flowar.vae import encode_moments, load_vae, normalise
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
     from pipelines.vae_train import VAETrainConfig, run_vae_train
     from conftest import ROOT
     monkeypatch.setenv("FLOWAR_HOME", str(tmp_path))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowar.config import ConfigError, SamplerConfig, to_dict
-from pipelines.config import (MLflowConfig, RayConfig, add_print_config, flowar_home, load_config,
+from pipelines.core.config import (MLflowConfig, RayConfig, add_print_config, flowar_home, load_config,
                               path_field)
 
 
@@ -148,7 +148,7 @@ def resolve_run(cfg: EvalConfig, link: dict) -> tuple[str, str]:
 
 
 def vae_spec(cfg: EvalConfig, ckpt: Path) -> dict:
-    from pipelines.eval_worker import export_vae_spec
+    from pipelines.evaluate.worker import export_vae_spec
 
     return {"id": cfg.generation.vae} if cfg.generation.vae else export_vae_spec(ckpt)
 
@@ -157,10 +157,10 @@ def main(cfg: EvalConfig) -> dict:
     """Run the evaluation; returns the report (also written to <output_dir>/report.json)."""
     import ray
 
-    from pipelines.eval_run import (compute_reference, grid_png, log_to_mlflow, make_workers,
+    from pipelines.evaluate.shards import (compute_reference, grid_png, log_to_mlflow, make_workers,
                                     print_table, run_shards, summarise_shards)
-    from pipelines import metrics as M
-    from pipelines.inception import file_digest, resolve_weights
+    from pipelines.evaluate import metrics as M
+    from pipelines.evaluate.inception import file_digest, resolve_weights
 
     g = cfg.generation
     ckpt = Path(g.checkpoint).expanduser().resolve()
@@ -177,7 +177,7 @@ def main(cfg: EvalConfig) -> dict:
     need_features = cfg.metrics.kid or cfg.metrics.prc
     # Refuse a bad sampler or reference before any work (not after 50,000 samples).
     from flowar.sampling import time_grid
-    from pipelines.eval_worker import parse_source
+    from pipelines.evaluate.worker import parse_source
     time_grid(cfg.sampler.num_steps, cfg.sampler.time_grid)
     try:
         if cfg.reference.source.endswith(".npz"):
@@ -187,7 +187,7 @@ def main(cfg: EvalConfig) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"reference.source: {e}") from None
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.core.ray_runtime import init_ray
     init_ray(cfg.ray)
     # Resolved (and converted, once) here: workers on every node get one explicit file.
     weights = resolve_weights(cfg.inception.weights, cfg.inception.allow_download)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipelines.latents import image_columns, moment_column
+from pipelines.data.latents import image_columns, moment_column
 
 __all__ = ["seed_of", "owner_rank", "LatentShard", "load_shard"]
 
@@ -103,7 +103,7 @@ class BatchSource:
 
     def __init__(self, shard: LatentShard, meta, *, seed: int, rank: int, micro_batch: int,
                  accum: int, flip_augment: bool, image_scales=()):
-        from pipelines.latents import sample_latents
+        from pipelines.data.latents import sample_latents
 
         self._sample = sample_latents
         self.shard, self.meta, self.seed, self.rank = shard, meta, seed, rank

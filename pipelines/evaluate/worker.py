@@ -1,5 +1,5 @@
 """What one evaluation worker does: make images (by generation or from an image source) and
-turn them into Inception statistics. The driver (pipelines/evaluate.py) runs these as Ray actors.
+turn them into Inception statistics. The driver (pipelines/evaluate/job.py) runs these as Ray actors.
 
 Every generated sample is a pure function of its global index: label = index // samples_per_class
 and its starting noise comes from a generator seeded with (seed, index). Shards are index ranges
@@ -62,7 +62,7 @@ def to_uint8(images):
 def export_vae_spec(ckpt: Path) -> dict:
     """The `vae` entry of a training export's latents.json (the latent dataset's metadata)."""
     from flowar.config import ConfigError
-    from pipelines.latents import LatentDatasetMeta
+    from pipelines.data.latents import LatentDatasetMeta
 
     path = Path(ckpt) / "latents.json"
     if not path.is_file():
@@ -102,13 +102,13 @@ def read_idx_images(path: Path) -> np.ndarray:
 
 def parse_source(source: str) -> dict:
     """'fashion-mnist[:train|test]', 'folder:/path' or a bare folder path -> a source spec.
-    Images are then prepared like `flowar encode` does (pipelines.sources.preprocess: Fashion-MNIST
+    Images are then prepared like `flowar encode` does (pipelines.data.sources.preprocess: Fashion-MNIST
     padded 28 -> 32, ADM center crop, grey -> RGB)."""
     if source.startswith("fashion-mnist"):
         split = source.split(":", 1)[1] if ":" in source else "test"
         if split not in ("train", "test"):
             raise ValueError(f"reference source {source!r}: split must be train or test")
-        from pipelines.bundled_data import fashion_mnist_file  # encode's and the classifier's lookup
+        from pipelines.data.bundled import fashion_mnist_file  # encode's and the classifier's lookup
 
         path = fashion_mnist_file(split, "images")
         return {"kind": "fashion-mnist", "path": str(path), "count": _idx_count(path)}
@@ -136,7 +136,7 @@ class EvalWorker:
     def __init__(self, inception: dict | None, generator: dict | None = None, device: str = "auto"):
         import torch
 
-        from pipelines.inception import InceptionFeatures
+        from pipelines.evaluate.inception import InceptionFeatures
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -191,7 +191,7 @@ class EvalWorker:
         """uint8 (B,3,res,res) images start..end of a reference source."""
         import torch
 
-        from pipelines.sources import preprocess  # the encode job's: same pad, crop and resize
+        from pipelines.data.sources import preprocess  # the encode job's: same pad, crop and resize
 
         if source["kind"] == "fashion-mnist":
             if source["path"] not in self._source_cache:
@@ -210,7 +210,7 @@ class EvalWorker:
         import time
 
         t0 = time.perf_counter()
-        from pipelines.metrics import FeatureStats
+        from pipelines.evaluate.metrics import FeatureStats
 
         feats, logits, images, grid = [], [], [], {}
         wanted = set(grid_indices)

@@ -28,10 +28,10 @@ import json
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from flowar.config import ConfigError
-from pipelines import storage
+from pipelines.core import storage
 
 FORMAT_VERSION = 1
 META_KEY = b"flowar.latents"  # key of the JSON record in each Parquet file's schema metadata
@@ -107,7 +107,7 @@ def now() -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Writing (used by pipelines.encode; every part is complete or absent)
+# Writing helpers (every part is complete or absent)
 # ------------------------------------------------------------------------------------------------
 
 def part_name(shard: int, start: int, end: int) -> str:
@@ -131,42 +131,6 @@ def _write_atomic(fs, path: str, write) -> int:
     return fs.get_file_info(path).size
 
 
-def write_part(out: str, shard: int, start: int, end: int, columns: dict, rejects: list[dict],
-               meta: LatentDatasetMeta) -> int:
-    """Write one part (and its rejects, first) atomically; returns bytes written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, root = storage.resolve(out)
-    name = part_name(shard, start, end)
-    payload = "".join(json.dumps(r) + "\n" for r in rejects).encode()
-
-    def write_rejects(tmp):
-        with fs.open_output_stream(tmp) as f:
-            f.write(payload)
-    nbytes = _write_atomic(fs, f"{root}/rejects/{name[:-8]}.jsonl", write_rejects)
-    arrays = {k: (tensor_array(v) if getattr(v, "ndim", 1) > 1 else pa.array(v)) for k, v in columns.items()}
-    if not len(columns.get("key", [])):  # every row rejected: an empty part still marks the range done
-        arrays = {"key": pa.array([], pa.string()), "label": pa.array([], pa.int64())}
-    table = pa.table(arrays).replace_schema_metadata({META_KEY: meta.to_json().encode()})
-    return nbytes + _write_atomic(fs, f"{root}/{name}",
-                                  lambda tmp: pq.write_table(table, tmp, filesystem=fs))
-
-
-def list_parts(path: str) -> dict[int, list[tuple[int, int, str]]]:
-    """{shard: [(start, end, full path), ...]} of the complete parts under `path`."""
-    import pyarrow.fs as pafs
-    fs, root = storage.resolve(path)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return {}
-    parts: dict[int, list] = {}
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-        m = PART_RE.fullmatch(info.base_name)
-        if m:
-            parts.setdefault(int(m[1]), []).append((int(m[2]), int(m[3]), info.path))
-    return {s: sorted(v) for s, v in parts.items()}
-
-
 def covers(ranges: list[tuple[int, int, str]], length: int) -> bool:
     """True when the ranges tile [0, length) exactly, with no overlap and no gap."""
     pos = 0
@@ -177,65 +141,128 @@ def covers(ranges: list[tuple[int, int, str]], length: int) -> bool:
     return pos == length
 
 
-def remove(path: str, paths: list[str]) -> None:
-    fs, root = storage.resolve(path)
-    for p in paths:
-        fs.delete_file(p)
-        rejects = f"{root}/rejects/{p.rsplit('/', 1)[1][:-8]}.jsonl"
-        if fs.get_file_info(rejects).is_file:
-            fs.delete_file(rejects)
+class LatentDataset:
+    """One latent pyramid dataset: its path (local or URI), resolved once to (filesystem, root).
 
+    The writer (`flowar encode`) adds parts and finalises; readers (training, evaluation, sweeps)
+    take `meta` (read once, then kept) and `part_files()`."""
 
-def finalise(path: str, meta: LatentDatasetMeta) -> LatentDatasetMeta:
-    """Count rows and rejects over all parts, merge rejects.jsonl, write metadata.json and
-    _common_metadata. Returns the completed metadata."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.fs, self.root = storage.resolve(self.path)
+        self._meta: LatentDatasetMeta | None = None
 
-    fs, root = storage.resolve(path)
-    parts = [p for ranges in list_parts(path).values() for _, _, p in ranges]
-    meta.count = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in sorted(parts))
-    rejects = b""
-    for p in sorted(parts):
-        rp = f"{root}/rejects/{p.rsplit('/', 1)[1][:-8]}.jsonl"
-        if fs.get_file_info(rp).is_file:
-            with fs.open_input_stream(rp) as f:
-                rejects += f.read()
-    meta.rejects = rejects.count(b"\n")
-    with fs.open_output_stream(f"{root}/rejects.jsonl") as f:
-        f.write(rejects)
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if info.base_name.startswith(".tmp-"):  # left by a killed run
-            fs.delete_file(info.path)
-    meta.created = meta.created or now()
-    with fs.open_output_stream(f"{root}/metadata.json") as f:
-        f.write(meta.to_json().encode())
-    if parts:
-        schema = pq.ParquetFile(sorted(parts)[0], filesystem=fs).schema_arrow
-        pq.write_metadata(schema.with_metadata({META_KEY: meta.to_json().encode()}),
-                          f"{root}/_common_metadata", filesystem=fs)
-    return meta
+    def __str__(self) -> str:
+        return storage.display(self.path)
+
+    def __reduce__(self):  # crosses process boundaries (Ray actors) as its path
+        return (LatentDataset, (self.path,))
+
+    def _rejects_of(self, part_path: str) -> str:
+        """rejects/<part name without .parquet>.jsonl: where one part's skipped images are listed."""
+        return f"{self.root}/rejects/{PurePosixPath(part_path).stem}.jsonl"
+
+    # -------------------------------------------------------------------- writing (flowar encode)
+    def write_part(self, shard: int, start: int, end: int, columns: dict, rejects: list[dict],
+                   meta: LatentDatasetMeta) -> int:
+        """Write one part (and its rejects, first) atomically; returns bytes written."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, name = self.fs, part_name(shard, start, end)
+        payload = "".join(json.dumps(r) + "\n" for r in rejects).encode()
+
+        def write_rejects(tmp):
+            with fs.open_output_stream(tmp) as f:
+                f.write(payload)
+        nbytes = _write_atomic(fs, self._rejects_of(name), write_rejects)
+        arrays = {k: (tensor_array(v) if getattr(v, "ndim", 1) > 1 else pa.array(v))
+                  for k, v in columns.items()}
+        if not len(columns.get("key", [])):  # every row rejected: an empty part still marks the range done
+            arrays = {"key": pa.array([], pa.string()), "label": pa.array([], pa.int64())}
+        table = pa.table(arrays).replace_schema_metadata({META_KEY: meta.to_json().encode()})
+        return nbytes + _write_atomic(fs, f"{self.root}/{name}",
+                                      lambda tmp: pq.write_table(table, tmp, filesystem=fs))
+
+    def parts(self) -> dict[int, list[tuple[int, int, str]]]:
+        """{shard: [(start, end, full path), ...]} of the complete parts."""
+        import pyarrow.fs as pafs
+        if self.fs.get_file_info(self.root).type == pafs.FileType.NotFound:
+            return {}
+        found: dict[int, list] = {}
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
+            m = PART_RE.fullmatch(info.base_name)
+            if m:
+                found.setdefault(int(m[1]), []).append((int(m[2]), int(m[3]), info.path))
+        return {s: sorted(v) for s, v in found.items()}
+
+    def remove(self, paths: list[str]) -> None:
+        """Delete parts (and their rejects): a killed run's partial shards are redone whole."""
+        for p in paths:
+            self.fs.delete_file(p)
+            if self.fs.get_file_info(self._rejects_of(p)).is_file:
+                self.fs.delete_file(self._rejects_of(p))
+
+    def finalise(self, meta: LatentDatasetMeta) -> LatentDatasetMeta:
+        """Count rows and rejects over all parts, merge rejects.jsonl, write metadata.json and
+        _common_metadata. Returns the completed metadata."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        fs, root = self.fs, self.root
+        parts = sorted(p for ranges in self.parts().values() for _, _, p in ranges)
+        meta.count = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in parts)
+        rejects = b""
+        for p in parts:
+            if fs.get_file_info(self._rejects_of(p)).is_file:
+                with fs.open_input_stream(self._rejects_of(p)) as f:
+                    rejects += f.read()
+        meta.rejects = rejects.count(b"\n")
+        with fs.open_output_stream(f"{root}/rejects.jsonl") as f:
+            f.write(rejects)
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if info.base_name.startswith(".tmp-"):  # left by a killed run
+                fs.delete_file(info.path)
+        meta.created = meta.created or now()
+        with fs.open_output_stream(f"{root}/metadata.json") as f:
+            f.write(meta.to_json().encode())
+        if parts:
+            schema = pq.ParquetFile(parts[0], filesystem=fs).schema_arrow
+            pq.write_metadata(schema.with_metadata({META_KEY: meta.to_json().encode()}),
+                              f"{root}/_common_metadata", filesystem=fs)
+        self._meta = meta
+        return meta
+
+    # -------------------------------------------------------------------- reading
+    @property
+    def meta(self) -> LatentDatasetMeta:
+        """metadata.json, read on first use and kept (a finished dataset does not change)."""
+        if self._meta is None:
+            path = f"{self.root}/metadata.json"
+            if not self.fs.get_file_info(path).is_file:
+                raise ConfigError(f"latent dataset {self}: no metadata.json (not a finished "
+                                  "`flowar encode` output; re-run the encode to complete it)")
+            with self.fs.open_input_stream(path) as f:
+                self._meta = LatentDatasetMeta.from_json(f.read(), f"latent dataset {self}")
+        return self._meta
+
+    def part_files(self) -> list[str]:
+        files = sorted(p for ranges in self.parts().values() for _, _, p in ranges)
+        if not files:
+            raise ConfigError(f"latent dataset {self} has no part files")
+        return files
+
+    def ray_dataset(self, columns: list[str] | None = None):
+        """The dataset as a ray.data.Dataset (tensor columns come back as (C, h, w) arrays)."""
+        import ray
+
+        ds = ray.data.read_parquet(self.part_files(), filesystem=self.fs)
+        return ds.select_columns(columns) if columns else ds
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading
+# Checks and sampling
 # ------------------------------------------------------------------------------------------------
-
-def read_metadata(path: str) -> LatentDatasetMeta:
-    fs, root = storage.resolve(path)
-    if not fs.get_file_info(f"{root}/metadata.json").is_file:
-        raise ConfigError(f"latent dataset {storage.display(path)}: no metadata.json (not a finished "
-                          "`flowar encode` output; re-run the encode to complete it)")
-    with fs.open_input_stream(f"{root}/metadata.json") as f:
-        return LatentDatasetMeta.from_json(f.read(), f"latent dataset {storage.display(path)}")
-
-
-def part_files(path: str) -> list[str]:
-    files = sorted(p for ranges in list_parts(path).values() for _, _, p in ranges)
-    if not files:
-        raise ConfigError(f"latent dataset {storage.display(path)} has no part files")
-    return files
-
 
 def check_compatible(meta: LatentDatasetMeta, model_config, vae: dict | None = None) -> None:
     """Refuse a dataset that does not fit a model config (FlowARConfig), naming the field."""
@@ -263,15 +290,6 @@ def check_compatible(meta: LatentDatasetMeta, model_config, vae: dict | None = N
                                   f"(VAE {meta.vae.get('id')}), the given VAE has {vae[key]!r}")
 
 
-def ray_dataset(path: str, columns: list[str] | None = None):
-    """The dataset as a ray.data.Dataset (tensor columns come back as (C, h, w) arrays)."""
-    import ray
-
-    fs, _ = storage.resolve(path)
-    ds = ray.data.read_parquet(part_files(path), filesystem=fs)
-    return ds.select_columns(columns) if columns else ds
-
-
 def sample_latents(mean, std, meta: LatentDatasetMeta, generator=None):
     """A fresh posterior sample, normalised as the model sees it: (mean + std*eps - shift) * scale."""
     import torch
@@ -294,9 +312,9 @@ class TorchLatentDataset:
         import pyarrow.parquet as pq
         import torch
 
-        self.meta = read_metadata(path)
-        fs, _ = storage.resolve(path)
-        tables = [pq.read_table(p, filesystem=fs) for p in part_files(path)]
+        dataset = LatentDataset(path)
+        self.meta = dataset.meta
+        tables = [pq.read_table(p, filesystem=dataset.fs) for p in dataset.part_files()]
         tables = [t for t in tables if t.num_rows]
         self.random_flip = random_flip and self.meta.flip
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowar.config import ConfigError
-from pipelines.config import path_field
+from pipelines.core.config import path_field
 
 __all__ = ["SweepConfig", "SchedulerConfig", "TrialResources", "Axis", "load_sweep",
            "trial_overrides", "REPORTED_METRICS", "validate", "resolved_bases", "trial_config"]
 
-# What train_loop's ray.train.report carries at each checkpoint (all Tune and ASHA can see).
+# What the training loop's ray.train.report carries at each checkpoint (all Tune and ASHA can see).
 REPORTED_METRICS = ("loss", "lr", "epoch", "step")
 KINDS = ("grid", "choice", "uniform", "loguniform")
 # Above this many grid x choice combinations only each value is checked on its own.
@@ -137,7 +137,7 @@ def parse_axes(search: dict) -> list[Axis]:
 
 def load_sweep(path, sweep_overrides=()) -> tuple[SweepConfig, Path | None]:
     """The sweep file (+ `sweep.`-prefixed overrides) and its base training config's path."""
-    from pipelines.config import load_config
+    from pipelines.core.config import load_config
 
     sweep = load_config(SweepConfig, path, list(sweep_overrides))
     if not sweep.name:
@@ -154,7 +154,7 @@ def load_sweep(path, sweep_overrides=()) -> tuple[SweepConfig, Path | None]:
 
 def trial_overrides(sweep: SweepConfig, params: dict) -> dict:
     """Axis values (and per-trial resources) as a nested override dict on the base config."""
-    from pipelines.config import parse_overrides
+    from pipelines.core.config import parse_overrides
 
     tree: dict = {}
     for key, value in params.items():
@@ -169,7 +169,7 @@ def trial_overrides(sweep: SweepConfig, params: dict) -> dict:
     if sweep.resources.gpus_per_worker > 0:
         resources["train.device"] = "cuda"
     if resources:
-        from pipelines.config import apply_overrides
+        from pipelines.core.config import apply_overrides
 
         tree = apply_overrides(parse_overrides([f"{k}={v}" for k, v in resources.items()]), tree)
     return tree
@@ -178,8 +178,8 @@ def trial_overrides(sweep: SweepConfig, params: dict) -> dict:
 def _from_files(sweep: SweepConfig, base: Path | None, cli_overrides, params: dict):
     """A TrainJobConfig read the way `flowar train` reads one: base file, sweep overrides, CLI
     overrides, then `params`. Paths resolve against the cwd: call it on the driver only."""
-    from pipelines.config import apply_overrides, parse_overrides
-    from pipelines.train import load_train_config
+    from pipelines.core.config import apply_overrides, parse_overrides
+    from pipelines.train.job import load_train_config
 
     tree = parse_overrides(list(sweep.overrides) + list(cli_overrides))
     return load_train_config(base, apply_overrides(tree, trial_overrides(sweep, params)))
@@ -213,8 +213,8 @@ def resolved_bases(sweep: SweepConfig, base: Path | None, cli_overrides, axes) -
 def trial_config(sweep: SweepConfig, bases: dict, params: dict, extra=()):
     """A trial's TrainJobConfig: its resolved base (`resolved_bases`), its axis values, then
     `extra` key=value overrides. Reads no file, so it means the same on every process."""
-    from pipelines.config import apply_overrides, load_config, parse_overrides
-    from pipelines.train import TrainJobConfig
+    from pipelines.core.config import apply_overrides, load_config, parse_overrides
+    from pipelines.train.job import TrainJobConfig
 
     axes = {k: v for k, v in params.items() if k != "preset"}  # already in its base
     tree = apply_overrides(trial_overrides(sweep, axes), parse_overrides(list(extra)))
@@ -224,7 +224,7 @@ def trial_config(sweep: SweepConfig, bases: dict, params: dict, extra=()):
 def _absolute_path_axes(axes, cfg) -> None:
     """Axis values that name a place (e.g. a data.path grid) made absolute here, like the base's:
     Tune hands them to trials running in other directories."""
-    from pipelines.config import absolute_path, path_fields
+    from pipelines.core.config import absolute_path, path_fields
 
     kinds = {key: kind for key, kind, _, _ in path_fields(cfg)}
     for axis in axes:
@@ -235,11 +235,11 @@ def _absolute_path_axes(axes, cfg) -> None:
 
 def _dataset_meta(path: str, cache: dict):
     """The latent dataset's metadata, read once per path; refused naming data.path."""
-    from pipelines.latents import read_metadata
+    from pipelines.data.latents import LatentDataset
 
     if path not in cache:
         try:
-            cache[path] = read_metadata(path)
+            cache[path] = LatentDataset(path).meta
         except (ConfigError, OSError) as e:
             raise ConfigError(f"data.path={path}: {e}") from None
     return cache[path]
@@ -253,7 +253,7 @@ def validate(sweep: SweepConfig, base: Path | None, cli_overrides) -> tuple[list
     must build a valid trial config, exactly as the trial will build it, and fit its dataset;
     grid x choice combinations are checked together when there are not too many (e.g.
     head=per_token with injection=cross_attention is refused)."""
-    from pipelines.latents import check_compatible
+    from pipelines.data.latents import check_compatible
 
     axes = parse_axes(sweep.search)
     if sweep.resources.workers and "train.num_workers" in sweep.search:

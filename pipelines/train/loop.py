@@ -6,7 +6,7 @@ together), clipping, AdamW, EMA. Every `checkpoint_every` steps all ranks call
 `ray.train.report` with a checkpoint (the report is a barrier); rank 0 alone logs to MLflow.
 
 Determinism: the global torch RNG is reseeded from (seed, rank, step) before every step, and the
-data order is a pure function of (seed, epoch, step, rank) (train_data.py), so resuming from any
+data order is a pure function of (seed, epoch, step, rank) (pipelines/train/data.py), so resuming from any
 checkpoint replays exactly what an uninterrupted run would have done.
 """
 
@@ -106,12 +106,12 @@ def train_loop_per_worker(config: dict) -> None:
     from flowar import FlowAR
     from flowar.config import from_dict
     from flowar.optim import EMA, clip_grad_norm, lr_at, param_groups, scaled_lr
-    from pipelines import mlflow_utils
-    from pipelines.checkpointing import export_ema, full_ema_state, load_checkpoint, save_checkpoint
-    from pipelines.latents import read_metadata
-    from pipelines.train import TrainJobConfig
-    from pipelines.train_data import BatchSource, load_shard, seed_of
-    from pipelines.train_samples import SampleGrid
+    from pipelines.core import tracking
+    from pipelines.train.checkpointing import export_ema, full_ema_state, load_checkpoint, save_checkpoint
+    from pipelines.data.latents import LatentDataset
+    from pipelines.train.job import TrainJobConfig
+    from pipelines.train.data import BatchSource, load_shard, seed_of
+    from pipelines.train.samples import SampleGrid
 
     t_start = time.perf_counter()
     job = from_dict(TrainJobConfig, config["job"])
@@ -141,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(param_groups(inner, tc.weight_decay), lr=peak_lr,
                                   betas=tuple(tc.betas))
 
-    meta = read_metadata(job.data.path)
+    meta = LatentDataset(job.data.path).meta
     ray.data.DataContext.get_current().enable_progress_bars = False  # one read, no bar spam
     # Table 3's image scale construction: the coarser scales come from their own dataset columns.
     image_scales = job.model.scales[:-1] if job.model.scale_construction == "image" else ()
@@ -161,10 +161,10 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_checkpoint(d, strategy=tc.strategy, model=inner, optimizer=optimizer, ema=ema)
         start_step, best_loss = state["step"], state.get("best_loss", float("inf"))
 
-    mlf = mlflow_utils.client(config["tracking_uri"]) if rank == 0 else None
+    mlf = tracking.client(config["tracking_uri"]) if rank == 0 else None
     run_id, run_dir = config["run_id"], config["run_dir"]
     if mlf is not None:
-        mlflow_utils.log_metrics(mlf, run_id, {"resumed_from_step": start_step,
+        tracking.log_metrics(mlf, run_id, {"resumed_from_step": start_step,
                                                "steps_per_epoch": source.steps_per_epoch,
                                                "total_steps": total_steps}, step=start_step)
     grid = SampleGrid(job, meta, config["meta"], device) if rank == 0 else None
@@ -183,12 +183,12 @@ def train_loop_per_worker(config: dict) -> None:
                 export_ema(FlowAR, job.model, full, tmp, config["meta"], buffers, info)
                 _write_dir(tmp, out_dir)
                 if artifact_path:
-                    mlflow_utils.log_artifacts(mlf, run_id, tmp, artifact_path)
+                    tracking.log_artifacts(mlf, run_id, tmp, artifact_path)
 
     def sample(step: int) -> None:
         full = full_ema_state(ema)
         if grid is not None:
-            mlflow_utils.log_image(mlf, run_id, grid.render(full), f"samples/step_{step:07d}.png")
+            tracking.log_image(mlf, run_id, grid.render(full), f"samples/step_{step:07d}.png")
 
     t_loop = time.perf_counter()
     if rank == 0:
@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "epoch": done / source.steps_per_epoch}
             if device.type == "cuda":
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            mlflow_utils.log_metrics(mlf, run_id, metrics, step=done)
+            tracking.log_metrics(mlf, run_id, metrics, step=done)
         if done % tc.log_every == 0 or done == total_steps:
             window.update(sum=torch.zeros_like(window["sum"]), steps=0, gn=0.0, t0=time.perf_counter())
 
@@ -283,7 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _write_dir(local: str, target: str) -> None:
-    from pipelines.storage import is_uri, upload_dir
+    from pipelines.core.storage import is_uri, upload_dir
 
     if is_uri(target):
         upload_dir(local, target)

@@ -90,7 +90,7 @@ def log_config(uri: str, run_id: str, cfg, config_path: str | None, tags: dict[s
 
     from mlflow.entities import Param, RunTag
 
-    from pipelines.config import dump_yaml, flatten
+    from pipelines.core.config import dump_yaml, flatten
 
     c = client(uri)
     existing = c.get_run(run_id).data.params

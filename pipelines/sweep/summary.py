@@ -2,7 +2,7 @@
 per axis value and the best trial's full training config, written beside the Tune experiment and
 logged to the sweep's MLflow parent run.
 
-This module only writes the report: the trials come settled by the driver (pipelines.sweep.
+This module only writes the report: the trials come settled by the driver (pipelines.sweep.job.
 settle_trials), each with its status (COMPLETED, STOPPED_EARLY when the scheduler stopped it,
 FAILED, or Tune's status for a trial that never ended) and its MLflow child run id.
 """
@@ -95,12 +95,12 @@ def _plot(rows: list[dict], axes, metric: str, path: Path) -> None:
 def summarise(trials: list[dict], sweep, axes, bases: dict, uri: str, parent_id: str,
               exp_dir: str) -> dict:
     """Write trials.csv/.md, the plot and the best config; log them on the parent run."""
-    from pipelines import mlflow_utils
-    from pipelines.config import dump_yaml
-    from pipelines.storage import is_uri
-    from pipelines.sweep_config import trial_config
+    from pipelines.core import tracking
+    from pipelines.core.config import dump_yaml
+    from pipelines.core.storage import is_uri
+    from pipelines.sweep.config import trial_config
 
-    c = mlflow_utils.client(uri)
+    c = tracking.client(uri)
     metric = sweep.metric
     rows = trial_rows(trials, axes, metric)
     columns = ["trial_id", *(a.key for a in axes), metric, "step", "status"]

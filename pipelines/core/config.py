@@ -32,7 +32,7 @@ from flowar.config import ConfigError, from_dict, to_dict
 
 __all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_overrides",
            "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri",
-           "add_print_config", "flowar_home", "path_field", "resolve_paths", "path_fields",
+           "add_print_config", "add_job_parser", "flowar_home", "path_field", "resolve_paths", "path_fields",
            "paths_as_given", "absolute_path"]
 
 # What a path field names, which decides how a relative value is read:
@@ -114,7 +114,7 @@ def _absolute_tracking_uri(uri: str, cwd: Path | None = None) -> str:
 
 def absolute_path(value: str, kind: PathKind = "input", cwd: Path | None = None) -> str:
     """`value` as the same place seen from any directory (URIs and hub ids unchanged)."""
-    from pipelines.storage import is_uri
+    from pipelines.core.storage import is_uri
 
     cwd = Path(cwd or Path.cwd())
     if kind == "tracking_uri":
@@ -222,6 +222,20 @@ def add_print_config(parser, load) -> None:
                         help="print the resolved config (every key: defaults, then the file, then "
                              "the overrides) as YAML and exit without running anything")
     parser.set_defaults(load_config=load)
+
+
+def add_job_parser(subparsers, name: str, *, run, load, help: str, description: str, epilog: str,
+                   config_help: str, overrides_example: str, config_optional: bool = False):
+    """The subcommand of one config-driven job: `flowar NAME CONFIG [key=value ...]
+    [--print-config]`. `run(args)` runs it (the job's `_cli`), `load(args)` builds its config.
+    Returns the parser, for the job's own extra options."""
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog)
+    parser.add_argument("config", nargs="?" if config_optional else None, help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"dotted-key overrides of the config, e.g. {overrides_example}")
+    parser.set_defaults(func=run)
+    add_print_config(parser, load)
+    return parser
 
 
 def flatten(obj, prefix: str = "") -> dict[str, str]:

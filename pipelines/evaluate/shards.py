@@ -20,7 +20,7 @@ def make_workers(cfg, weights: str, generator: dict | None, num_shards: int):
     """Ray actors holding Inception (and the generator): one per GPU, else one per CPU."""
     import ray
 
-    from pipelines.eval_worker import EvalWorker
+    from pipelines.evaluate.worker import EvalWorker
 
     w = cfg.workers
     res = ray.cluster_resources()
@@ -87,7 +87,7 @@ def run_shards(workers, shards, shard_dir: Path, kwargs: dict, desc: str) -> dic
 
 def summarise_shards(files) -> dict:
     """Merge shard files (in index order): stats, and features/logits/grid/images when present."""
-    from pipelines.metrics import FeatureStats
+    from pipelines.evaluate.metrics import FeatureStats
 
     stats, feats, logits, grid, images, resolution = [], [], [], {}, [], 0
     for f in files:
@@ -124,9 +124,9 @@ def reference_key(source: dict, resolution: int, extractor_digest: str, max_imag
 def compute_reference(cfg, workers, extractor: dict, resolution: int, need_features: bool) -> dict:
     """mu, sigma (+ features) of the reference: an ADM .npz, or an image source through the
     workers, cached under <flowar cache>/reference/<key>.npz."""
-    from pipelines.eval_worker import parse_source
-    from pipelines.inception import cache_dir
-    from pipelines.metrics import FeatureStats, load_reference_npz, save_reference
+    from pipelines.evaluate.worker import parse_source
+    from pipelines.evaluate.inception import cache_dir
+    from pipelines.evaluate.metrics import FeatureStats, load_reference_npz, save_reference
 
     r = cfg.reference
     if r.source.endswith(".npz"):

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.bundled_data import fashion_mnist_file
-from pipelines.sources import _idx
+from pipelines.data.bundled import fashion_mnist_file
+from pipelines.data.sources import _idx
 
 
 def load_fashion_mnist(split: str = "train", limit: int = 0) -> tuple[np.ndarray, np.ndarray]:

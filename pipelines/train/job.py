@@ -3,7 +3,7 @@
 The driver (this module) validates everything that can be validated before any worker starts:
 the config (unknown keys, batch arithmetic), the latent dataset's metadata against the model, and
 the MLflow store. It then starts or resumes one MLflow run and one Ray Train run with the same
-name, and hands the per-worker loop (`pipelines.train_loop`) a plain-dict config.
+name, and hands the per-worker loop (`pipelines.train.loop`) a plain-dict config.
 
 Resuming: Ray Train V2 restores the latest checkpoint of a run when a run with the same
 `RunConfig(name, storage_path)` starts again, so re-running the same command (same run name)
@@ -19,7 +19,7 @@ from typing import Literal
 
 from flowar.config import (PRESETS, ConfigError, FlowARConfig, SamplerConfig, check_sampler_fits,
                            from_dict, to_dict)
-from pipelines.config import (MLflowConfig, RayConfig, add_print_config, config_hash, load_config,
+from pipelines.core.config import (MLflowConfig, RayConfig, add_print_config, config_hash, load_config,
                               path_field)
 
 __all__ = ["DataConfig", "TrainConfig", "TrainJobConfig", "load_train_config", "run_training",
@@ -134,7 +134,7 @@ def _preset_name(path, overrides) -> str:
 
     import yaml
 
-    from pipelines.config import apply_overrides, parse_overrides
+    from pipelines.core.config import apply_overrides, parse_overrides
 
     data = {}
     if path is not None:
@@ -155,7 +155,7 @@ def run_name(cfg: TrainJobConfig) -> str:
 
 def storage_path(cfg: TrainJobConfig) -> str:
     """Ray Train's storage (filled at config read: $FLOWAR_HOME/ray_results when not given)."""
-    from pipelines.config import default_storage_path
+    from pipelines.core.config import default_storage_path
 
     return cfg.ray.storage_path or default_storage_path()
 
@@ -176,9 +176,9 @@ def check_job(cfg: TrainJobConfig) -> None:
 
 def check_dataset(cfg: TrainJobConfig):
     """Read and check the dataset's metadata before anything starts (ConfigError when unfit)."""
-    from pipelines.latents import check_compatible, read_metadata
+    from pipelines.data.latents import LatentDataset, check_compatible
 
-    meta = read_metadata(cfg.data.path)
+    meta = LatentDataset(cfg.data.path).meta
     check_compatible(meta, cfg.model)  # incl. image-derived scales for scale_construction=image
     return meta
 
@@ -204,13 +204,13 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     `dataset`: the latent dataset of `cfg.data.path` already read as a materialised Ray Dataset,
     for callers that train several times on it (sweeps, tests): reading even a small Parquet
     dataset costs Ray Data tens of seconds of task start-up on a small machine. `fault` is a test
-    hook that kills or fails one worker once (see train_loop._inject_fault).
+    hook that kills or fails one worker once (see pipelines.train.loop._inject_fault).
 
     `callbacks` (Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs this)
     and `resources_per_worker` (e.g. {"CPU": 2}) are passed to the trainer as they are.
 
     `progress`: show step/total, loss, images/s and time left on stderr while fit() runs
-    (pipelines.progress: a bar on a terminal, a line per train.log_every otherwise), read from
+    (pipelines.core.progress: a bar on a terminal, a line per train.log_every otherwise), read from
     what rank 0 logs to MLflow. None: on, except inside a Tune trial (Tune reports those).
     """
     from_dict(TrainJobConfig, to_dict(cfg))  # every config check again: cfg may have been edited
@@ -218,29 +218,29 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines import mlflow_utils
-    from pipelines.latents import ray_dataset
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.core import tracking
+    from pipelines.data.latents import LatentDataset
+    from pipelines.train.loop import train_loop_per_worker
 
     meta = check_dataset(cfg)
     name = run_name(cfg)
     uri = cfg.mlflow.resolved_uri()
-    mlflow_utils.check_reachable(uri)  # fail now, not after hours
-    run_id, resumed = mlflow_utils.start_or_resume_run(
+    tracking.check_reachable(uri)  # fail now, not after hours
+    run_id, resumed = tracking.start_or_resume_run(
         uri, cfg.mlflow.experiment, name, artifact_location=cfg.mlflow.artifact_location)
-    mlflow_utils.log_config(uri, run_id, cfg, config_path, tags=_tags(cfg, meta))
-    if resumed and "stopped" in mlflow_utils.client(uri).get_run(run_id).data.tags:
-        mlflow_utils.client(uri).delete_tag(run_id, "stopped")  # a new attempt after a divergence
+    tracking.log_config(uri, run_id, cfg, config_path, tags=_tags(cfg, meta))
+    if resumed and "stopped" in tracking.client(uri).get_run(run_id).data.tags:
+        tracking.client(uri).delete_tag(run_id, "stopped")  # a new attempt after a divergence
     print(f"flowar train: {'resuming' if resumed else 'starting'} run {name!r} "
           f"(MLflow run {run_id}, {uri})")
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.core.ray_runtime import init_ray
     init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)  # + CPU for Ray Data beside the workers
     use_gpu = _use_gpu(cfg)
     # Materialised before fit: on small machines streaming reads starve beside the workers
     # (docs/stack-facts.md), and the workers read it several times.
     if dataset is None:
-        dataset = ray_dataset(cfg.data.path).materialize()
+        dataset = LatentDataset(cfg.data.path).ray_dataset().materialize()
     storage = storage_path(cfg)
     loop_config = {"job": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
                    "run_dir": f"{storage.rstrip('/')}/{name}", "meta": _meta_dict(meta),
@@ -255,10 +255,10 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": dataset},
         # Every worker sees the whole dataset and keeps its own deterministic partition
-        # (train_data.py): Ray's streaming split is not reproducible, exact resume needs that.
+        # (pipelines/train/data.py): Ray's streaming split is not reproducible, exact resume needs that.
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    from pipelines.progress import follow
+    from pipelines.core.progress import follow
 
     show = progress if progress is not None else not _in_tune_trial()
     try:
@@ -270,15 +270,15 @@ def run_training(cfg: TrainJobConfig, config_path: str | None = None, *, dataset
         # A sweep trial that Tune stops (ASHA) lands here too, possibly after the sweep driver
         # has closed its run as FINISHED: only a real failure may mark the run FAILED.
         if not tune_is_stopping_this_trial():
-            mlflow_utils.fail_run_if_running(mlflow_utils.client(uri), run_id)
+            tracking.fail_run_if_running(tracking.client(uri), run_id)
         raise
     # Rank 0 tags the run "stopped" on NaN/inf; the tag (not result.metrics, which Ray fills
     # only from reports that carry a checkpoint) tells the driver that training diverged.
-    stopped = mlflow_utils.client(uri).get_run(run_id).data.tags.get("stopped")
+    stopped = tracking.client(uri).get_run(run_id).data.tags.get("stopped")
     if stopped or (result.metrics or {}).get("non_finite_loss"):
-        mlflow_utils.end_run(uri, run_id, "FAILED")
+        tracking.end_run(uri, run_id, "FAILED")
         raise TrainingDiverged(stopped or "the loss became NaN or inf")
-    mlflow_utils.end_run(uri, run_id, "FINISHED")
+    tracking.end_run(uri, run_id, "FINISHED")
     return result
 
 
@@ -309,7 +309,7 @@ def _meta_dict(meta) -> dict:
 
 
 def _tags(cfg: TrainJobConfig, meta) -> dict[str, str]:
-    from pipelines.mlflow_utils import git_commit
+    from pipelines.core.tracking import git_commit
 
     vae = meta.vae or {}
     return {"dataset": f"{cfg.data.path} ({meta.count} latents, {meta.created or 'undated'})",

@@ -8,7 +8,7 @@ decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
 - `parquet`: Parquet files with an image column (bytes, or HF-datasets {bytes, path} structs),
   a label column and optionally a key column;
 - `webdataset`: .tar shards with `<key>.<jpg|png|webp|...>` plus `<key>.cls` (or .json "label");
-- `fashion-mnist`: the bundled data set's IDX files (pipelines.bundled_data: Debian's package,
+- `fashion-mnist`: the bundled data set's IDX files (pipelines.data.bundled: Debian's package,
   else torchvision's download), 28x28 grey padded to 32x32.
 
 Paths may be local or any URI pyarrow's filesystems read (s3://, gs://, ...).
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flowar.config import ConfigError
-from pipelines import storage
-from pipelines.config import path_field
+from pipelines.core import storage
+from pipelines.core.config import path_field
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -154,8 +154,8 @@ def _list_webdataset(cfg):
 
 
 def _fashion_mnist_dir(cfg) -> str:
-    """The bundled data's one lookup (pipelines.bundled_data); `source.path` overrides it."""
-    from pipelines.bundled_data import MissingData, fashion_mnist_dir
+    """The bundled data's one lookup (pipelines.data.bundled); `source.path` overrides it."""
+    from pipelines.data.bundled import MissingData, fashion_mnist_dir
 
     try:
         return str(fashion_mnist_dir(cfg.path))

@@ -6,7 +6,7 @@ checkpoint's report). MLflow gets one parent run per sweep and one nested child 
 (tag `mlflow.parentRunId`); the child is the training run itself, so it holds the trial's full
 config as params, the training curves, and tags naming the sweep and the axis values.
 
-Paths: the driver reads the base config once (`sweep_config.resolved_bases`: paths absolute
+Paths: the driver reads the base config once (`pipelines.sweep.config.resolved_bases`: paths absolute
 against the user's directory, the default MLflow store and Ray storage filled) and hands trials
 that dict; a trial only adds its axis values. A trial runs in Ray's per-trial directory, where
 re-reading the files would resolve ./relative paths and ./flowar-runs somewhere else.
@@ -50,16 +50,16 @@ def _axis_tags(params: dict) -> dict[str, str]:
 def run_trial(params: dict, ctx: dict) -> None:
     """One trial: a full `flowar train` run whose MLflow run is a child of the sweep's run.
 
-    Its config is the driver's resolved base plus its axis values (sweep_config.trial_config):
+    Its config is the driver's resolved base plus its axis values (pipelines.sweep.config.trial_config):
     a trial runs in Ray's per-trial directory, so it must not read files or fill defaults itself.
     Its status (COMPLETED, STOPPED_EARLY) is the driver's to write: only the driver knows
     whether Tune stopped it."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines import mlflow_utils
-    from pipelines.sweep_config import SweepConfig, trial_config
-    from pipelines.train import run_training, tune_is_stopping_this_trial
+    from pipelines.core import tracking
+    from pipelines.sweep.config import SweepConfig, trial_config
+    from pipelines.train.job import run_training, tune_is_stopping_this_trial
     from flowar.config import from_dict
 
     sweep = from_dict(SweepConfig, ctx["sweep"])
@@ -70,9 +70,9 @@ def run_trial(params: dict, ctx: dict) -> None:
     uri = cfg.mlflow.resolved_uri()
     # Created here, before run_training, so the run is a nested child from its first moment;
     # run_training finds it by name and keeps logging to it (also when a resumed trial restarts).
-    run_id, _ = mlflow_utils.start_or_resume_run(uri, cfg.mlflow.experiment, name,
+    run_id, _ = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, name,
                                                  artifact_location=cfg.mlflow.artifact_location)
-    client = mlflow_utils.client(uri)
+    client = tracking.client(uri)
     for key, value in {PARENT_TAG: ctx["parent_run_id"], "sweep": sweep.name,
                        "sweep.trial_id": trial_id, **_axis_tags(params)}.items():
         client.set_tag(run_id, key, value)
@@ -141,9 +141,9 @@ def close_child(client, run, status: str) -> None:
 def settle_trials(results, uri: str, experiment: str, sweep_name: str) -> list[dict]:
     """After `Tuner.fit`: every trial's status from Tune, its child run closed to match, its run
     id. One dict per trial in trial order: trial_id, config, last_result, status, run_id."""
-    from pipelines import mlflow_utils
+    from pipelines.core import tracking
 
-    c = mlflow_utils.client(uri)
+    c = tracking.client(uri)
     exp = c.get_experiment_by_name(experiment)
     settled = []
     for trial in sorted(results._experiment_analysis.trials, key=lambda t: t.trial_id):
@@ -230,9 +230,9 @@ def make_callback(sweep_name: str, uri: str, experiment: str, metric: str):
                     print(f"flowar sweep: could not check placement groups ({e})")
 
         def _child(self, trial):
-            from pipelines import mlflow_utils
+            from pipelines.core import tracking
 
-            c = mlflow_utils.client(uri)
+            c = tracking.client(uri)
             exp = c.get_experiment_by_name(experiment)
             return c, find_child(c, exp.experiment_id if exp else None, sweep_name,
                                  trial.trial_id)
@@ -276,10 +276,10 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
     import inspect
     from pathlib import Path
 
-    from pipelines import mlflow_utils
-    from pipelines.storage import is_uri
-    from pipelines.sweep_config import load_sweep, validate
-    from pipelines.train import run_training, storage_path
+    from pipelines.core import tracking
+    from pipelines.core.storage import is_uri
+    from pipelines.sweep.config import load_sweep, validate
+    from pipelines.train.job import run_training, storage_path
 
     sweep_over, train_over = _split_overrides(list(overrides))
     sweep, base = load_sweep(sweep_path, sweep_over)
@@ -301,31 +301,31 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
         raise ConfigError(f"a sweep named {sweep.name!r} already exists at {exp_dir}: pass "
                           "--resume to continue it, or sweep.name=NEW for a new sweep")
     uri = base_cfg.mlflow.resolved_uri()
-    mlflow_utils.check_reachable(uri)
+    tracking.check_reachable(uri)
     experiment = base_cfg.mlflow.experiment
-    parent_id, _ = mlflow_utils.start_or_resume_run(
+    parent_id, _ = tracking.start_or_resume_run(
         uri, experiment, sweep.name, artifact_location=base_cfg.mlflow.artifact_location)
-    mlflow_utils.log_config(uri, parent_id, sweep, str(sweep_path), tags={
+    tracking.log_config(uri, parent_id, sweep, str(sweep_path), tags={
         "sweep": sweep.name, "sweep.role": "parent", "sweep.axes": ", ".join(a.key for a in axes),
-        "sweep.dir": exp_dir, "git_commit": mlflow_utils.git_commit()})
+        "sweep.dir": exp_dir, "git_commit": tracking.git_commit()})
     print(f"flowar sweep: {'resuming' if resume else 'starting'} sweep {sweep.name!r} "
           f"({len(axes)} axes; MLflow parent run {parent_id}; Tune dir {exp_dir})")
 
-    from pipelines.ray_runtime import init_ray
+    from pipelines.core.ray_runtime import init_ray
 
     # A local Ray may come up without the dashboard (no State API): SweepCallback then frees
     # the placement groups of stopped trials itself (release_orphaned_placement_groups).
     init_ray(base_cfg.ray, min_cpus=4)
-    # A diverged trial reports no metric (train_loop's non-finite report): it must fail alone,
+    # A diverged trial reports no metric (the training loop's non-finite report): it must fail alone,
     # not stop the sweep on Tune's strict metric check. Experiment state is saved every 2 s, so
     # a killed driver loses little.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     dataset = None
     if "data.path" not in sweep.search and "dataset" in inspect.signature(run_training).parameters:
-        from pipelines.latents import ray_dataset
+        from pipelines.data.latents import LatentDataset
 
-        dataset = ray_dataset(base_cfg.data.path).materialize()  # read once, shared by trials
+        dataset = LatentDataset(base_cfg.data.path).ray_dataset().materialize()  # read once, shared by trials
     ctx = {"sweep": _to_plain(sweep), "bases": bases, "parent_run_id": parent_id,
            "trials_dir": f"{exp_dir}/train", "dataset": dataset}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
@@ -354,11 +354,11 @@ def run_sweep(sweep_path, overrides=(), *, resume: bool = False) -> dict:
                 callbacks=[make_callback(sweep.name, uri, experiment, sweep.metric)]))
     results = tuner.fit()
 
-    from pipelines.sweep_summary import summarise
+    from pipelines.sweep.summary import summarise
 
     trials = settle_trials(results, uri, experiment, sweep.name)  # all trial processes ended
     summary = summarise(trials, sweep, axes, bases, uri, parent_id, exp_dir)
-    mlflow_utils.end_run(uri, parent_id, "FINISHED")
+    tracking.end_run(uri, parent_id, "FINISHED")
     return summary
 
 

@@ -9,7 +9,7 @@ reference all call `fashion_mnist_dir()`, which looks, in this order, in:
    ~/.cache/flowar);
 4. torchvision's download into that cache (the same files; needs the internet).
 
-`python -m pipelines.bundled_data ensure` is what `make quickstart` and `make test` run first,
+`python -m pipelines.data.bundled ensure` is what `make quickstart` and `make test` run first,
 with the system Python and nothing installed: it finds the files, or installs the Debian package
 when it runs as root with apt-get, or checks that the download host answers (the download itself
 happens at first use, through torchvision). Where none of these can work it fails at once, before
@@ -97,7 +97,7 @@ def fashion_mnist_file(split: str, what: str = "images") -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# `python -m pipelines.bundled_data ensure`: the first step of `make quickstart` / `make test`
+# `python -m pipelines.data.bundled ensure`: the first step of `make quickstart` / `make test`
 # ------------------------------------------------------------------------------------------------
 
 def _apt_install() -> bool:
@@ -143,7 +143,7 @@ def ensure() -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] != ["ensure"]:
-        print("usage: python -m pipelines.bundled_data ensure", file=sys.stderr)
+        print("usage: python -m pipelines.data.bundled ensure", file=sys.stderr)
         return 2
     try:
         print(ensure(), flush=True)
