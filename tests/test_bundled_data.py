@@ -49,15 +49,14 @@ def nowhere(monkeypatch, tmp_path):
 
 def test_every_stage_reads_the_same_files(monkeypatch, tmp_path):
     """encode's source, the classifier and evaluate's reference all read FLOWAR_FASHION_MNIST."""
+    from pipelines.data.sources import SourceConfig, list_items, parse_reference_source
     from pipelines.evaluate.classifier import load_fashion_mnist
-    from pipelines.evaluate.worker import parse_source
-    from pipelines.data.sources import SourceConfig, list_items
 
     folder = _fake_idx_folder(tmp_path / "fm", count=3)
     monkeypatch.setenv("FLOWAR_FASHION_MNIST", str(folder))
     items, _ = list_items(SourceConfig(kind="fashion-mnist", split="test"))
     images, labels = load_fashion_mnist("test")
-    reference = parse_source("fashion-mnist:test")
+    reference = parse_reference_source("fashion-mnist:test")
     assert [label for _, label, _ in items] == labels.tolist() == [0, 1, 2]
     assert images.shape == (3, 32, 32) and images[2, 16, 16] == 2
     assert reference["count"] == 3 and Path(reference["path"]).parent == folder

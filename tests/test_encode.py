@@ -125,7 +125,7 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     from pipelines.data.bundled import fashion_mnist_file
     from pipelines.encode import HOLD_ENV, run_encode
     from pipelines.data.latents import LatentDataset, TorchLatentDataset
-    from pipelines.data.sources import _idx
+    from pipelines.data.sources import read_idx
     out = tmp_path / "fm"
     overrides = ["source.kind=fashion-mnist", "source.limit=960", "encode.shard_size=40",
                  "encode.batch_size=20", "encode.flip=false"]
@@ -155,7 +155,7 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
         assert os.stat(path).st_mtime_ns == mtime
     data = TorchLatentDataset(str(out))
     assert sorted(data.keys) == [f"fashion-mnist/train/{i:05d}" for i in range(960)]  # no dups, no gaps
-    labels = _idx(str(fashion_mnist_file("train", "labels")), 8)[:960]
+    labels = read_idx(fashion_mnist_file("train", "labels"))[:960]
     assert [int(labels[int(k[-5:])]) for k in data.keys] == data.labels.tolist()
     meta = LatentDataset(str(out)).meta
     assert meta.count == 960 and meta.class_names[9] == "Ankle boot" and meta.source["kind"] == "fashion-mnist"

@@ -22,8 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 __all__ = ["fashion_mnist_dir", "fashion_mnist_file", "find_fashion_mnist", "ensure", "MissingData"]
@@ -88,12 +86,13 @@ def fashion_mnist_dir(explicit: str = "", download: bool = True) -> Path:
     return _cache_dir() / "FashionMNIST" / "raw"
 
 
-def fashion_mnist_file(split: str, what: str = "images") -> Path:
-    """The IDX file of `split` (train or test) and `what` (images or labels)."""
+def fashion_mnist_file(split: str, what: str = "images", explicit: str = "") -> Path:
+    """The IDX file of `split` (train or test) and `what` (images or labels), in
+    `fashion_mnist_dir(explicit)`."""
     if split not in FILES or what not in ("images", "labels"):
         raise ValueError(f"Fashion-MNIST has splits train/test and files images/labels, "
                          f"not {split}/{what}")
-    return fashion_mnist_dir() / FILES[split][0 if what == "images" else 1]
+    return fashion_mnist_dir(explicit) / FILES[split][0 if what == "images" else 1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,6 +114,11 @@ def _apt_install() -> bool:
 
 def _download_reachable(timeout_s: float = 3.0) -> str:
     """'' when the download host answers, else why not (no download happens here)."""
+    # Imported here: urllib.request (http, ssl, email) costs ~0.08 s, and `flowar --help` imports
+    # this module (pipelines/data/sources.py's Fashion-MNIST lookup); only `ensure` needs it.
+    import urllib.error
+    import urllib.request
+
     url = os.environ.get("FLOWAR_FASHION_MNIST_URL") or DOWNLOAD_URL
     try:
         with urllib.request.urlopen(urllib.request.Request(url + FILES["test"][1], method="HEAD"),

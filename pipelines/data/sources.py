@@ -11,10 +11,17 @@ decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
 - `fashion-mnist`: the bundled data set's IDX files (pipelines.data.bundled: Debian's package,
   else torchvision's download), 28x28 grey padded to 32x32.
 
+`flowar evaluate` reads its reference images here too (`parse_reference_source`,
+`load_reference_images`): `fashion-mnist[:train|test]`, or a folder of images (any depth), with
+the same preprocessing, so reference and training images are prepared alike.
+
 Paths may be local or any URI pyarrow's filesystems read (s3://, gs://, ...).
 Preprocessing (ADM/MAR `center_crop_arr`): halve with a box filter while the short side is at least
 twice the target, resize the short side to the target with bicubic, crop the center; grey, palette
 and RGBA images become RGB. A file that fails any of this is a reject with its reason.
+
+`flowar --help` imports this module (encode and vae train configs hold a SourceConfig), so numpy,
+PIL and pyarrow, which would double its start-up time, are imported where images are read.
 """
 
 from __future__ import annotations
@@ -22,17 +29,28 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from flowar.config import ConfigError
 from pipelines.core import storage
 from pipelines.core.config import path_field
+from pipelines.data.bundled import MissingData, fashion_mnist_file
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
+# The image files a source takes (compared lower-case): WebDataset members, evaluation folders.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+PARQUET_SUFFIX = ".parquet"
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of IMAGE_EXTS (any case: .JPEG and .jpg alike)."""
+    return name.rpartition(".")[2].lower() in IMAGE_EXTS and "." in name
 
 
 @dataclass
@@ -109,7 +127,7 @@ def _list_parquet(cfg):
     import pyarrow.parquet as pq
     fs, root, files = _files(cfg.path, "Parquet shard directory")
     items, max_label = [], -1
-    for info in (f for f in files if f.base_name.endswith(".parquet")):
+    for info in (f for f in files if f.base_name.endswith(PARQUET_SUFFIX)):
         pf = pq.ParquetFile(info.path, filesystem=fs)
         names = pf.schema_arrow.names
         for col in (cfg.image_column, cfg.label_column):
@@ -120,7 +138,7 @@ def _list_parquet(cfg):
         table = pf.read(columns=cols)
         labels = table[cfg.label_column].to_pylist()
         keys = (table[cfg.key_column].to_pylist() if cfg.key_column in names else
-                [f"{info.base_name[:-8]}/{i:07d}" for i in range(len(labels))])
+                [f"{info.base_name.removesuffix(PARQUET_SUFFIX)}/{i:07d}" for i in range(len(labels))])
         for i, (key, label) in enumerate(zip(keys, labels)):
             items.append((str(key), int(label), f"{info.path}#{i}"))
             max_label = max(max_label, int(label))
@@ -153,35 +171,54 @@ def _list_webdataset(cfg):
     return items, [str(i) for i in range(max_label + 1)]
 
 
-def _fashion_mnist_dir(cfg) -> str:
+def _fashion_mnist_file(cfg, what: str) -> str:
     """The bundled data's one lookup (pipelines.data.bundled); `source.path` overrides it."""
-    from pipelines.data.bundled import MissingData, fashion_mnist_dir
-
     try:
-        return str(fashion_mnist_dir(cfg.path))
+        return str(fashion_mnist_file(cfg.split, what, cfg.path))
     except MissingData as e:
         raise ConfigError(f"source.path: {e}" if cfg.path else str(e)) from None
 
 
-_IDX_CACHE: dict[str, object] = {}
+def _list_fashion_mnist(cfg):
+    labels = read_idx(_fashion_mnist_file(cfg, "labels"))
+    images = _fashion_mnist_file(cfg, "images")
+    items = [(f"fashion-mnist/{cfg.split}/{i:05d}", int(y), f"{images}#{i}")
+             for i, y in enumerate(labels)]
+    return items, list(FASHION_MNIST_CLASSES)
 
 
-def _idx(path: str, header: int):
-    """An IDX gz file as a flat uint8 array, cached per process (tasks reuse their worker)."""
+# ------------------------------------------------------------------------------------------------
+# IDX files (Fashion-MNIST's format: a magic number, the dimensions, then uint8 data)
+# ------------------------------------------------------------------------------------------------
+
+_IDX_CACHE: dict[str, np.ndarray] = {}
+
+
+def _idx_dims(f, path) -> list[int]:
+    """Read an IDX header: 0, 0, the type (0x08: uint8), the number of dimensions, then each
+    dimension as a big-endian uint32. The uint8 data follows."""
+    magic = f.read(4)
+    if len(magic) != 4 or magic[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not a uint8 IDX file")
+    return [int.from_bytes(f.read(4), "big") for _ in range(magic[3])]
+
+
+def read_idx(path) -> np.ndarray:
+    """A gzipped uint8 IDX file as an array of its own shape (labels (N,), images (N, 28, 28)).
+    Cached per process: Ray tasks and actors reuse their worker, so a file is read once there."""
     import numpy as np
+    path = str(path)
     if path not in _IDX_CACHE:
         with gzip.open(path, "rb") as f:
-            _IDX_CACHE[path] = np.frombuffer(f.read(), dtype=np.uint8)[header:]
+            dims = _idx_dims(f, path)
+            _IDX_CACHE[path] = np.frombuffer(f.read(), np.uint8).reshape(dims)
     return _IDX_CACHE[path]
 
 
-def _list_fashion_mnist(cfg):
-    root = _fashion_mnist_dir(cfg)
-    prefix = "train" if cfg.split == "train" else "t10k"
-    labels = _idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), 8)
-    items = [(f"fashion-mnist/{cfg.split}/{i:05d}", int(y), f"{root}/{prefix}#{i}")
-             for i, y in enumerate(labels)]
-    return items, list(FASHION_MNIST_CLASSES)
+def idx_count(path) -> int:
+    """The number of items of an IDX file, from its header alone."""
+    with gzip.open(path, "rb") as f:
+        return _idx_dims(f, path)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +264,7 @@ def _read_raw(kind: str, refs: list[str], cfg: dict) -> list:
     for file, wanted in by_file.items():
         try:
             if kind == "fashion-mnist":
-                images = _idx(file + "-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+                images = read_idx(file)
                 for i, part in wanted:
                     out[i] = np.array(images[int(part)])
             elif kind == "parquet":
@@ -290,3 +327,39 @@ def decode_items(batch: dict, source: dict, resolution: int) -> dict:
             "key": np.asarray(cols["key"], object), "label": np.asarray(cols["label"], np.int64),
             "ref": np.asarray(cols["ref"], object), "reason": np.asarray(cols["reason"], object),
             "image": np.stack(cols["image"]) if cols["image"] else blank[None][:0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation references (`flowar evaluate`'s reference.source)
+# ------------------------------------------------------------------------------------------------
+
+def parse_reference_source(source: str) -> dict:
+    """'fashion-mnist[:train|test]', 'folder:/path' or a bare folder path -> a source spec
+    {kind, path, count (+ files: a folder's images, sorted)}. The spec (less its file list,
+    which enters as names and sizes) is the identity of cached reference statistics."""
+    if source.startswith("fashion-mnist"):
+        split = source.split(":", 1)[1] if ":" in source else "test"
+        if split not in ("train", "test"):
+            raise ValueError(f"reference source {source!r}: split must be train or test")
+        path = fashion_mnist_file(split, "images")
+        return {"kind": "fashion-mnist", "path": str(path), "count": idx_count(path)}
+    folder = Path(source.split(":", 1)[1] if source.startswith("folder:") else source).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reference source {source!r}: {folder} is not a folder of images")
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
+    if not files:
+        raise ValueError(f"reference source {source!r}: no images "
+                         f"({', '.join('.' + e for e in IMAGE_EXTS)}) in {folder}")
+    return {"kind": "folder", "path": str(folder), "files": files, "count": len(files)}
+
+
+def load_reference_images(spec: dict, start: int, end: int, resolution: int) -> np.ndarray:
+    """uint8 (B, resolution, resolution, 3) images start..end of a reference source spec,
+    prepared like the training images (`preprocess`: Fashion-MNIST padded 28 -> 32, ADM center
+    crop, grey -> RGB)."""
+    import numpy as np
+    if spec["kind"] == "fashion-mnist":
+        raw = list(read_idx(spec["path"])[start:end])
+    else:
+        raw = [Path(p).read_bytes() for p in spec["files"][start:end]]
+    return np.stack([preprocess(r, resolution) for r in raw])

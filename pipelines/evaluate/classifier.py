@@ -14,16 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
+from pipelines.core.images import from_uint8
 from pipelines.data.bundled import fashion_mnist_file
-from pipelines.data.sources import _idx
+from pipelines.data.sources import read_idx
 
 
 def load_fashion_mnist(split: str = "train", limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 32, 32) padded like the encode job, labels int64 (N,))."""
-    images = _idx(str(fashion_mnist_file(split, "images")), 16).reshape(-1, 28, 28)
-    labels = _idx(str(fashion_mnist_file(split, "labels")), 8).astype(np.int64)
+    images = read_idx(fashion_mnist_file(split, "images"))
+    labels = read_idx(fashion_mnist_file(split, "labels")).astype(np.int64)
     if limit:
         images, labels = images[:limit], labels[:limit]
     return np.pad(images, ((0, 0), (2, 2), (2, 2))), labels
@@ -57,16 +60,13 @@ def _batches(images: np.ndarray, labels: np.ndarray, batch: int, shuffle: bool, 
     order = np.random.default_rng(seed).permutation(len(images)) if shuffle else np.arange(len(images))
     for i in range(0, len(order), batch):
         idx = order[i:i + batch]
-        x = torch.from_numpy(images[idx]).float().div(127.5).sub(1).unsqueeze(1)
+        x = from_uint8(images[idx]).unsqueeze(1)
         yield x, torch.from_numpy(labels[idx])
 
 
 def train_classifier(out_dir: str | Path, epochs: int = 2, limit: int = 0, seed: int = 0,
                      progress: bool = True) -> dict:
     """Train (or reuse) the classifier; returns its record with the test-set accuracy."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     out = Path(out_dir)
     record_path = out / "classifier.json"
     if record_path.is_file() and (out / "classifier.safetensors").is_file():
@@ -87,8 +87,7 @@ def train_classifier(out_dir: str | Path, epochs: int = 2, limit: int = 0, seed:
             opt.step()
     test_x, test_y = load_fashion_mnist("test")
     model.eval()
-    acc = accuracy(model, torch.from_numpy(test_x).float().div(127.5).sub(1).unsqueeze(1),
-                   torch.from_numpy(test_y))
+    acc = accuracy(model, from_uint8(test_x).unsqueeze(1), torch.from_numpy(test_y))
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(out / "classifier.safetensors"))
     record = {"test_accuracy": acc, "epochs": epochs, "train_images": len(images),
@@ -98,8 +97,6 @@ def train_classifier(out_dir: str | Path, epochs: int = 2, limit: int = 0, seed:
 
 
 def load_classifier(out_dir: str | Path) -> SmallCNN:
-    from safetensors.torch import load_file
-
     path = Path(out_dir) / "classifier.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no classifier at {path}: run train_classifier first")
