@@ -39,29 +39,28 @@ def build_export(root: Path, preset: str) -> tuple[Path, Path]:
 def measure(num_workers: int, args, model: Path, vae: Path, tmp: Path) -> dict:
     import ray
 
-    from flowar.config import to_dict
     from pipelines.core.config import load_config
-    from pipelines.evaluate.shards import make_workers, run_shards
-    from pipelines.evaluate.worker import parse_source
-    from pipelines.evaluate.job import EvalConfig
+    from pipelines.data.sources import parse_reference_source
+    from pipelines.evaluate.export import generator_spec
     from pipelines.evaluate.inception import resolve_weights
+    from pipelines.evaluate.job import EvalConfig
+    from pipelines.evaluate.shards import index_shards, make_workers, run_shards
 
     cfg = load_config(EvalConfig, None, [
         f"generation.checkpoint={model}", f"generation.vae={vae}", "reference.source=fashion-mnist:test",
         f"generation.batch_size={args.batch}", f"generation.shard_size={args.batch}",
         f"sampler.num_steps={args.steps}", f"workers.num_workers={num_workers}"])
-    gen = {"checkpoint": str(model), "ema_file": "", "vae": {"id": str(vae)}, "seed": 0,
-           "samples_per_class": 50, "sampler": to_dict(cfg.sampler)}
+    gen = generator_spec(model, cfg.sampler, vae=str(vae), seed=0, samples_per_class=50)
     weights = str(resolve_weights())
     n = args.samples
-    shards = [(s, s + args.batch) for s in range(0, n, args.batch)]
+    shards = index_shards(n, args.batch)
     workers, _ = make_workers(cfg, weights, gen, len(shards))
     warm = [(n + i * args.batch, n + (i + 1) * args.batch) for i in range(num_workers)]
     run_shards(workers, warm, tmp / f"warm{num_workers}", dict(batch_size=args.batch, keep_features=False),
                desc="warm-up")
     g = run_shards(workers, shards, tmp / f"gen{num_workers}", dict(batch_size=args.batch, keep_features=False),
                    desc=f"generate x{num_workers}")
-    source = parse_source("fashion-mnist:test")
+    source = parse_reference_source("fashion-mnist:test")
     f = run_shards(workers, shards, tmp / f"ref{num_workers}",
                    dict(batch_size=args.batch, keep_features=False, source=source, resolution=8),
                    desc=f"features x{num_workers}")

@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 
 from flowar.config import ConfigError
+from pipelines.data.latents import LatentDatasetMeta, code_version
 
 
 def _published_args(model: str, published_config: str) -> dict:
-    from flowar.published import PUBLISHED_CONFIGS
+    """The published constructor's keyword arguments, from --model or --published-config."""
+    from flowar.published import PUBLISHED_CONFIGS  # torch
 
     if bool(model) == bool(published_config):
         raise ConfigError("give exactly one of --model (S, L or H) and --published-config")
@@ -42,13 +44,10 @@ def _published_args(model: str, published_config: str) -> dict:
     return args
 
 
-def import_published(checkpoint: str, out: str, vae: str, model: str = "", published_config: str = "",
-                     entry: str = "auto", overwrite: bool = False) -> dict:
+def run_import(checkpoint: str, out: str, vae: str, model: str = "", published_config: str = "",
+               entry: str = "auto", overwrite: bool = False) -> dict:
     """Convert, check and write; returns a summary."""
-    from flowar import load_published, read_published_file
-    from flowar.published import PUBLISHED_SAMPLERS
-    from flowar.vae import load_vae, weights_sha256
-    from pipelines.data.latents import LatentDatasetMeta, code_version
+    from flowar import load_published, read_published_file  # torch
 
     args = _published_args(model, published_config)
     out_dir = Path(out).expanduser()
@@ -56,13 +55,28 @@ def import_published(checkpoint: str, out: str, vae: str, model: str = "", publi
         raise ConfigError(f"--out {out}: already holds a model; pass --overwrite or choose another folder")
     vae_path = Path(vae).expanduser()
     spec = str(vae_path.resolve()) if vae_path.exists() else vae  # a path stays valid from any cwd
+    info = _vae_info(spec, vae)
+    flowar_model = load_published(read_published_file(checkpoint, entry), args)
+    resolution = int(args.get("img_size", 256))
+    _check_vae_fits(info, flowar_model.config, resolution, vae)
+    sampler = _write_export(flowar_model, out_dir, info, resolution, checkpoint, entry, args, model)
+    params = sum(p.numel() for p in flowar_model.parameters())
+    return {"out": str(out_dir), "parameters": params, "vae": spec, "sampler": sampler}
+
+
+def _vae_info(spec: str, vae: str):
+    """The VAE's VAEInfo (latent channels, downsampling, weights hash); --vae names it."""
+    from flowar.vae import load_vae  # torch
+
     try:
-        _, info = load_vae(spec)
+        return load_vae(spec)[1]
     except (OSError, ValueError) as e:
         raise ConfigError(f"--vae {vae!r}: {e}") from None
-    flowar_model = load_published(read_published_file(checkpoint, entry), args)
-    cfg = flowar_model.config
-    resolution = int(args.get("img_size", 256))
+
+
+def _check_vae_fits(info, cfg, resolution: int, vae: str) -> None:
+    """The VAE must make the model's latents: its channels, and image size / downsampling =
+    the model's finest scale."""
     if info.latent_channels != cfg.latent_channels:
         raise ConfigError(f"--vae {vae!r} makes {info.latent_channels}-channel latents; the model "
                           f"takes {cfg.latent_channels} (the published models use MAR's KL-16)")
@@ -71,6 +85,15 @@ def import_published(checkpoint: str, out: str, vae: str, model: str = "", publi
                           f"{resolution // info.downsample}x{resolution // info.downsample} latents, the "
                           f"model's finest scale is {cfg.latent_size}")
 
+
+def _write_export(flowar_model, out_dir: Path, info, resolution: int, checkpoint: str, entry: str,
+                  args: dict, model: str) -> dict:
+    """save_pretrained + latents.json naming the VAE (with its weights' hash), as a training
+    export has them; returns the published sampler settings recorded with it."""
+    from flowar.published import PUBLISHED_SAMPLERS
+    from flowar.vae import weights_sha256
+
+    cfg = flowar_model.config
     source = {"kind": "published", "checkpoint": str(Path(checkpoint).resolve()),
               "sha256": weights_sha256(flowar_model), "entry": entry}  # of the weights, in memory
     sampler = PUBLISHED_SAMPLERS.get(model, {})
@@ -80,13 +103,12 @@ def import_published(checkpoint: str, out: str, vae: str, model: str = "", publi
                              latent_channels=cfg.latent_channels, scales=[cfg.latent_size],
                              num_classes=cfg.num_classes, source=source, code_version=code_version())
     (out_dir / "latents.json").write_text(meta.to_json())
-    params = sum(p.numel() for p in flowar_model.parameters())
-    return {"out": str(out_dir), "parameters": params, "vae": spec, "sampler": sampler}
+    return sampler
 
 
-def _cli(a) -> int:
-    summary = import_published(a.checkpoint, a.out, a.vae, a.model, a.published_config, a.entry,
-                               a.overwrite)
+def _cli(args) -> int:
+    summary = run_import(args.checkpoint, args.out, args.vae, args.model, args.published_config,
+                         args.entry, args.overwrite)
     flags = " ".join(f"sampler.{k}={v}" for k, v in summary["sampler"].items())
     print(f"flowar import: {summary['parameters']:,} parameters -> {summary['out']}\n"
           f"  samples:    flowar sample {summary['out']} --classes 207,360,387 {flags}\n"

@@ -12,10 +12,35 @@ this process (no Ray): it is for looking at a few images, not for 50,000.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from flowar.config import ConfigError, SamplerConfig
 from pipelines.core.config import load_config
+from pipelines.evaluate.export import check_sampler_for_export, generator_spec, is_export
+
+__all__ = ["SampleConfig", "run_sample", "sample_images", "parse_classes", "register"]
+
+
+@dataclass
+class SampleConfig:
+    """What `flowar sample` makes and writes (its command line, typed)."""
+    checkpoint: str  # model folder written by save_pretrained (a training export)
+    classes: list[int] | None = None  # None: every class of the model
+    per_class: int = 8  # samples per class = images per grid row
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+    out: str = "samples.png"  # the grid PNG
+    images_dir: str = ""  # also write each image as <dir>/class<c>_<index>.png
+    vae: str = ""  # override the VAE named by the checkpoint's latents.json
+    batch_size: int = 32
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.per_class < 1:
+            raise ConfigError(f"--per-class={self.per_class}: need at least 1")
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
@@ -32,29 +57,45 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sampler: SamplerConfig,
                   seed: int = 0, batch_size: int = 32, vae: str = "", device: str = "auto"):
-    """uint8 (N,3,H,W) images: `per_class` samples of each class, in class order.
-
-    Sample j of class c has global index c * per_class + j; its noise is seeded from (seed, index)."""
+    """uint8 (N,3,H,W) numpy images: `per_class` samples of each class, in class order, and
+    their indices. Sample j of class c has global index c * per_class + j; its noise is seeded
+    from (seed, index)."""
     import numpy as np
-    from flowar.config import to_dict
-    from pipelines.evaluate.worker import EvalWorker, export_vae_spec
+
+    from pipelines.evaluate.worker import EvalWorker  # torch
 
     ckpt = Path(checkpoint).expanduser().resolve()
-    if not (ckpt / "config.json").is_file():
+    if not is_export(ckpt):
         raise ConfigError(f"checkpoint {checkpoint!r} is not a save_pretrained folder (no config.json)")
-    spec = {"id": vae} if vae else export_vae_spec(ckpt)
-    ema = ckpt / "ema.safetensors"
-    gen = {"checkpoint": str(ckpt), "ema_file": str(ema) if ema.is_file() else "", "vae": spec,
-           "seed": seed, "samples_per_class": per_class, "sampler": to_dict(sampler)}
+    gen = generator_spec(ckpt, sampler, vae=vae, seed=seed, samples_per_class=per_class)
     worker = EvalWorker(None, gen, device)  # generator only: no Inception network needed
-    if classes is None:
-        classes = list(range(worker.model.config.num_classes))
-    classes = parse_classes(",".join(map(str, classes)), worker.model.config.num_classes)
+    num_classes = worker.model.config.num_classes
+    classes = parse_classes(",".join(map(str, classes if classes is not None else range(num_classes))),
+                            num_classes)
     indices = [c * per_class + j for c in classes for j in range(per_class)]
     out = [worker.generate(indices[i:i + batch_size]).cpu().numpy()
            for i in range(0, len(indices), batch_size)]
     return np.concatenate(out), indices
 
+
+def run_sample(cfg: SampleConfig) -> dict:
+    """Make the samples and write the grid (and the files); returns where they went."""
+    from pipelines.core.images import image_grid, save_png  # torch
+
+    images, indices = sample_images(cfg.checkpoint, cfg.classes, cfg.per_class, cfg.sampler, cfg.seed,
+                                    cfg.batch_size, cfg.vae, cfg.device)
+    grid = save_png(image_grid(images, cfg.per_class), cfg.out)
+    files = []
+    if cfg.images_dir:
+        for img, i in zip(images, indices):
+            files.append(save_png(img.transpose(1, 2, 0).copy(),
+                                  Path(cfg.images_dir) / f"class{i // cfg.per_class}_{i:06d}.png"))
+    return {"grid": grid, "count": len(images), "files": files}
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="PNG grid (and files) of samples of given classes",
@@ -73,44 +114,41 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cli)
 
 
-def _cli(args) -> int:
-    from dataclasses import dataclass, field
+@dataclass
+class _SamplerOnly:
+    """The sampler section of any config (an eval config's, say); the rest is ignored."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
-    import numpy as np
-    from PIL import Image
 
-    from pipelines.evaluate.shards import grid_png
-    from pipelines.evaluate.job import check_sampler_for_export
-
-    @dataclass
-    class _SamplerOnly:  # the sampler section of any config, the rest ignored
-        sampler: SamplerConfig = field(default_factory=SamplerConfig)
-
+def _sampler(args) -> SamplerConfig:
+    """--config's `sampler:` section, then the sampler.* overrides, checked against the export."""
     base = None
     if args.config:
-        import yaml
         base = {"sampler": (yaml.safe_load(Path(args.config).read_text()) or {}).get("sampler", {})}
     bad = [o for o in args.overrides if not o.startswith("sampler.")]
     if bad:
         raise ConfigError(f"flowar sample takes only sampler.* overrides, got {bad}")
     sampler = load_config(_SamplerOnly, None, args.overrides, base=base).sampler
     check_sampler_for_export(args.checkpoint, sampler)
-    if args.per_class < 1:
-        raise ConfigError(f"--per-class={args.per_class}: need at least 1")
-    classes = None
-    if args.classes:
-        classes = [int(c) for c in args.classes.split(",") if c.strip().lstrip("-").isdigit()]
-        if len(classes) != len([c for c in args.classes.split(",") if c.strip()]):
-            raise ConfigError(f"--classes {args.classes!r}: expected integers separated by commas")
-    images, indices = sample_images(args.checkpoint, classes, args.per_class, sampler, args.seed,
-                                    args.batch_size, args.vae, args.device)
-    grid = grid_png(list(images), args.per_class, Path(args.out))
-    print(f"wrote {len(images)} samples as {grid}")
-    if args.images_dir:
-        d = Path(args.images_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        for img, i in zip(images, indices):
-            Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0))).save(
-                d / f"class{i // args.per_class}_{i:06d}.png")
-        print(f"wrote {len(images)} files to {d}")
+    return sampler
+
+
+def _classes(text: str) -> list[int] | None:
+    """--classes as integers (None: all); their range is checked against the model."""
+    if not text:
+        return None
+    classes = [int(c) for c in text.split(",") if c.strip().lstrip("-").isdigit()]
+    if len(classes) != len([c for c in text.split(",") if c.strip()]):
+        raise ConfigError(f"--classes {text!r}: expected integers separated by commas")
+    return classes
+
+
+def _cli(args) -> int:
+    sampler = _sampler(args)
+    cfg = SampleConfig(args.checkpoint, _classes(args.classes), args.per_class, sampler, args.seed,
+                       args.out, args.images_dir, args.vae, args.batch_size, args.device)
+    done = run_sample(cfg)
+    print(f"wrote {done['count']} samples as {done['grid']}")
+    if cfg.images_dir:
+        print(f"wrote {done['count']} files to {Path(cfg.images_dir)}")
     return 0

@@ -47,7 +47,7 @@ def runs(ray_local, export, tmp_path_factory):
     """The same evaluation with 1 and with 2 workers, then the 2-worker one resumed after losing
     one shard file."""
     from pipelines.core.config import load_config
-    from pipelines.evaluate.job import EvalConfig, main
+    from pipelines.evaluate.job import EvalConfig, run_evaluate
 
     import mlflow
 
@@ -69,7 +69,7 @@ def runs(ray_local, export, tmp_path_factory):
                 f"generation.checkpoint={export / 'model'}",  # its VAE from latents.json
                 f"workers.num_workers={workers}", f"output_dir={tmp / name}",
                 f"mlflow.tracking_uri={uri}"])
-            return main(cfg)
+            return run_evaluate(cfg)
 
         one = run("one", 1)
         two = run("two", 2)
@@ -159,7 +159,7 @@ def test_bad_inputs_fail_before_work(runs, export, tmp_path):
     from flowar.config import ConfigError
     from pipelines.cli import main as cli
     from pipelines.core.config import load_config
-    from pipelines.evaluate.job import EvalConfig, main
+    from pipelines.evaluate.job import EvalConfig, run_evaluate
     from pipelines.evaluate.inception import CONVERTED_FILE
 
     with pytest.raises(ConfigError, match="generation.checkpoint"):
@@ -172,12 +172,12 @@ def test_bad_inputs_fail_before_work(runs, export, tmp_path):
         f"generation.checkpoint={export / 'model'}", "generation.seed=1", f"output_dir={runs['tmp'] / 'one'}", f"mlflow.tracking_uri={runs['uri']}",
         f"inception.weights={runs['tmp'] / 'cache' / CONVERTED_FILE}"])
     with pytest.raises(ConfigError, match="differs in: seed"):
-        main(changed)
+        run_evaluate(changed)
     for source in ("/nonexistent/ref.npz", str(tmp_path)):  # missing file; folder without images
         bad_ref = load_config(EvalConfig, None, BASE + [
             f"generation.checkpoint={export / 'model'}", f"reference.source={source}",
             f"output_dir={tmp_path / 'out'}"])
         with pytest.raises(ConfigError, match="reference.source"):
-            main(bad_ref)
+            run_evaluate(bad_ref)
         assert not (tmp_path / "out").exists()  # refused before any work
     assert cli(["sample", str(export / "model"), "--classes", "0,10", "--vae", str(export / "vae")]) == 2

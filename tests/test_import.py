@@ -65,7 +65,7 @@ def test_raw_state_dict_imports_and_samples_through_the_named_vae(golden, tmp_pa
 
 def test_training_checkpoint_uses_the_ema_entry(golden, tmp_path):
     from flowar import FlowAR
-    from pipelines.import_published import import_published
+    from pipelines.import_published import run_import
 
     noisy = {k: v if k == "mask" or k.endswith("rope.freqs") else v + 1.0  # weights, not buffers
              for k, v in golden["state_dict"].items()}
@@ -74,18 +74,18 @@ def test_training_checkpoint_uses_the_ema_entry(golden, tmp_path):
                 "args": argparse.Namespace(lr=1e-4, model="flowar_small")}, ckpt)
     for entry, close in (("auto", True), ("model", False)):
         out = tmp_path / entry
-        import_published(str(ckpt), str(out), str(VAE), published_config=golden["config"], entry=entry)
+        run_import(str(ckpt), str(out), str(VAE), published_config=golden["config"], entry=entry)
         sem = FlowAR.from_pretrained(out).eval().semantics(golden["latents"], golden["labels"])
         assert torch.allclose(sem, golden["train"]["semantics"], atol=1e-5) == close, entry
     with pytest.raises(ConfigError, match="no state dict under 'optimizer'"):
-        import_published(str(ckpt), str(tmp_path / "x"), str(VAE), published_config=golden["config"],
-                         entry="optimizer")
+        run_import(str(ckpt), str(tmp_path / "x"), str(VAE), published_config=golden["config"],
+                   entry="optimizer")
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(golden, tmp_path):
     from diffusers import AutoencoderKL
 
-    from pipelines.import_published import import_published
+    from pipelines.import_published import run_import
 
     raw = tmp_path / "raw.pth"
     torch.save(golden["state_dict"], raw)
@@ -109,5 +109,5 @@ def test_bad_inputs_are_refused_before_anything_is_written(golden, tmp_path):
         if "model" in change:
             kwargs["published_config"] = ""
         with pytest.raises(ConfigError, match=message):
-            import_published(**kwargs)
+            run_import(**kwargs)
         assert not (tmp_path / "out").exists(), change

@@ -38,10 +38,9 @@ def image_sets(tmp_path_factory):
     from PIL import Image
 
     from pipelines.data.bundled import fashion_mnist_file
-    from pipelines.evaluate.worker import read_idx_images
+    from pipelines.data.sources import read_idx
 
-    path = fashion_mnist_file("test", "images")
-    images = read_idx_images(path)
+    images = read_idx(fashion_mnist_file("test", "images"))
     root = tmp_path_factory.mktemp("sets")
     dirs = []
     for s, name in enumerate("ab"):
@@ -57,11 +56,12 @@ def image_sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(weights, image_sets):
     """Our worker's statistics, features and logits of both sets (one shard each)."""
-    from pipelines.evaluate.worker import EvalWorker, parse_source
+    from pipelines.data.sources import parse_reference_source
+    from pipelines.evaluate.worker import EvalWorker
 
     worker = EvalWorker({"weights": str(weights["with_logits"])}, None, "cpu")
     assert worker.inception.has_logits
-    out = [worker.run_shard(0, N_PER_SET, 64, True, source=parse_source(str(d)), resolution=32)
+    out = [worker.run_shard(0, N_PER_SET, 64, True, source=parse_reference_source(str(d)), resolution=32)
            for d in image_sets]
     return out
 

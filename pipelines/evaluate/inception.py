@@ -20,8 +20,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 CONVERTED_FILE = "inception-2015-12-05-from-fid-helper-pool-only.pth"
@@ -94,10 +98,6 @@ def convert_fid_helper(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Write torch-fidelity's state dict converted from fid-helper's TorchScript file.
 
     The TF graph has no BN scale, so bn.weight is 1; fc is zero (the source has no logits)."""
-    import warnings
-
-    import torch
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
         src_sd = torch.jit.load(str(src), map_location="cpu").state_dict()
@@ -172,9 +172,6 @@ class InceptionFeatures:
     """uint8 (B,3,H,W) images -> 2048-d pool features (and logits when the weights have them)."""
 
     def __init__(self, weights: str = "", device: str = "cpu", allow_download: bool = True):
-        import torch
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         path = resolve_weights(weights, allow_download)
         probe = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"],
@@ -193,8 +190,6 @@ class InceptionFeatures:
 
     def __call__(self, images_uint8):
         """Returns (features float32 (B,2048) numpy, logits (B,1008) numpy or None)."""
-        import torch
-
         with torch.inference_mode():
             out = self.net(images_uint8.to(self.device))
         feats = out[0].cpu().numpy()

@@ -10,10 +10,17 @@ single-process numbers.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 
 
 @dataclass
@@ -68,8 +75,6 @@ class FeatureStats:
 
 def fid(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance, torch-fidelity's formula (eigenvalues of sigma1 @ sigma2)."""
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -83,9 +88,6 @@ def kid(features_gen: np.ndarray, features_ref: np.ndarray, subsets: int = 100,
         subset_size: int = 1000, seed: int = 2020) -> tuple[float, float]:
     """KID (mean, std) with torch-fidelity's cubic polynomial kernel; subset_size is capped at
     the smaller set, so small evaluations still report a number (recorded in the report)."""
-    import torch
-    from torch_fidelity.metric_kid import kid_features_to_metric
-
     size = min(subset_size, len(features_gen), len(features_ref))
     out = kid_features_to_metric(torch.from_numpy(np.asarray(features_gen, np.float32)),
                                  torch.from_numpy(np.asarray(features_ref, np.float32)),
@@ -98,9 +100,6 @@ def kid(features_gen: np.ndarray, features_ref: np.ndarray, subsets: int = 100,
 def precision_recall(features_gen: np.ndarray, features_ref: np.ndarray, k: int = 3,
                      batch_size: int = 10000) -> tuple[float, float]:
     """Improved precision/recall (Kynkaanniemi et al.) with k-NN manifolds, torch-fidelity's code."""
-    import torch
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
     out = prc_features_to_metric(torch.from_numpy(np.asarray(features_gen, np.float32)),
                                  torch.from_numpy(np.asarray(features_ref, np.float32)),
                                  prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=False,
@@ -114,12 +113,36 @@ def inception_score(logits: np.ndarray | None, splits: int = 10, seed: int = 202
     if logits is None or len(logits) == 0:
         raise ValueError("Inception Score is unavailable: the Inception weights have no logits layer "
                          "(fid-helper's copy stops at the pool features); use torch-fidelity's weights file")
-    import torch
-    from torch_fidelity.metric_isc import isc_features_to_metric
-
     out = isc_features_to_metric(torch.from_numpy(np.asarray(logits, np.float32)), splits=splits,
                                  shuffle=True, rng_seed=seed)
     return out["inception_score_mean"], out["inception_score_std"]
+
+
+def requested_metrics(m, generated: dict, reference: dict) -> dict[str, float | str]:
+    """The metrics the config's `metrics` section asks for, from merged generated and reference
+    data (pipelines/evaluate/shards.py). A metric that cannot be computed (IS without a logits
+    layer; KID or precision/recall against a statistics file) is a string saying why, never a
+    number."""
+    results: dict[str, float | str] = {}
+    if m.fid:
+        mu, sigma = generated["stats"].mu_sigma()
+        results["fid"] = fid(mu, sigma, reference["mu"], reference["sigma"])
+    if m.isc:
+        if generated["logits"] is None:
+            results["inception_score"] = "unavailable: the Inception weights have no logits layer"
+        else:
+            results["inception_score"], results["inception_score_std"] = inception_score(
+                generated["logits"], m.isc_splits)
+    for name, wanted in (("kid", m.kid), ("precision/recall", m.prc)):
+        if wanted and reference["features"] is None:
+            results[name] = "unavailable: the reference is a statistics file without features"
+    if m.kid and reference["features"] is not None:
+        results["kid"], results["kid_std"] = kid(generated["features"], reference["features"],
+                                                 m.kid_subsets, m.kid_subset_size)
+    if m.prc and reference["features"] is not None:
+        results["precision"], results["recall"] = precision_recall(
+            generated["features"], reference["features"], m.prc_neighborhood)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +171,6 @@ def load_reference_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def save_reference(path: str | Path, stats: FeatureStats, features: np.ndarray | None = None,
                    meta: dict | None = None) -> None:
     """Stats (+ mu/sigma for ADM-style readers, + features for PR/KID) in one .npz, atomically."""
-    import json
-    import os
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     mu, sigma = stats.mu_sigma()

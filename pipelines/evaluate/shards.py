@@ -8,20 +8,54 @@ worker does not hold the others back, and the shard layout never depends on the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import ray
+from tqdm import tqdm
+
+from pipelines.core.images import image_grid, save_png
+from pipelines.data.sources import parse_reference_source
+from pipelines.evaluate.inception import cache_dir
+from pipelines.evaluate.metrics import FeatureStats, load_reference_npz, save_reference
+from pipelines.evaluate.worker import EvalWorker
+
+
+def generate_and_reference(cfg, weights: str, generator: dict, shard_dir: Path, grid_indices: list[int],
+                           keep_features: bool) -> dict:
+    """Generated samples' statistics (shards under `shard_dir`, resumed when present) and the
+    reference's, on one set of actors that is killed afterwards. Returns the merged `generated`
+    and `reference` data, the `run` record, the extractor, the resolution and the workers."""
+    g = cfg.generation
+    shards = index_shards(g.num_samples, g.shard_size)
+    workers, worker_info = make_workers(cfg, weights, generator, len(shards))
+    try:
+        extractor = ray.get(workers[0].extractor_info.remote())
+        run = run_shards(workers, shards, shard_dir, dict(
+            batch_size=g.batch_size, keep_features=keep_features, keep_images=g.save_images,
+            grid_indices=grid_indices), desc="generate+features")
+        generated = summarise_shards(run["files"])
+        resolution = cfg.reference.resolution or generated["resolution"]
+        reference = compute_reference(cfg, workers, extractor, resolution, keep_features)
+    finally:  # finished shards are on disk: a rerun resumes from them
+        for w in workers:
+            ray.kill(w)
+    return {"generated": generated, "reference": reference, "run": run, "extractor": extractor,
+            "resolution": resolution, "workers": worker_info, "num_shards": len(shards)}
+
+
+def index_shards(count: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `shard_size` indices (the last one shorter) covering 0..count."""
+    return [(s, min(s + shard_size, count)) for s in range(0, count, shard_size)]
 
 
 def make_workers(cfg, weights: str, generator: dict | None, num_shards: int):
     """Ray actors holding Inception (and the generator): one per GPU, else one per CPU."""
-    import ray
-
-    from pipelines.evaluate.worker import EvalWorker
-
     w = cfg.workers
     res = ray.cluster_resources()
     gpus = res.get("GPU", 0.0)
@@ -54,9 +88,6 @@ def _save_npz(path: Path, arrays: dict) -> None:
 
 def run_shards(workers, shards, shard_dir: Path, kwargs: dict, desc: str) -> dict:
     """Run every shard whose file is missing on the workers; returns files and throughput."""
-    import ray
-    from tqdm import tqdm
-
     shard_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in shards if not shard_path(shard_dir, *s).is_file()]
     resumed = len(shards) - len(todo)
@@ -87,8 +118,6 @@ def run_shards(workers, shards, shard_dir: Path, kwargs: dict, desc: str) -> dic
 
 def summarise_shards(files) -> dict:
     """Merge shard files (in index order): stats, and features/logits/grid/images when present."""
-    from pipelines.evaluate.metrics import FeatureStats
-
     stats, feats, logits, grid, images, resolution = [], [], [], {}, [], 0
     for f in files:
         with np.load(f) as z:
@@ -110,8 +139,7 @@ def summarise_shards(files) -> dict:
 
 
 def reference_key(source: dict, resolution: int, extractor_digest: str, max_images: int) -> str:
-    import hashlib
-
+    """The cache name of reference statistics: the source spec, resolution, extractor, limit."""
     ident = {k: v for k, v in source.items() if k != "files"}
     if "files" in source:  # a folder: its file list (names and sizes) is its identity
         ident["files"] = hashlib.sha256("\n".join(
@@ -124,30 +152,22 @@ def reference_key(source: dict, resolution: int, extractor_digest: str, max_imag
 def compute_reference(cfg, workers, extractor: dict, resolution: int, need_features: bool) -> dict:
     """mu, sigma (+ features) of the reference: an ADM .npz, or an image source through the
     workers, cached under <flowar cache>/reference/<key>.npz."""
-    from pipelines.evaluate.worker import parse_source
-    from pipelines.evaluate.inception import cache_dir
-    from pipelines.evaluate.metrics import FeatureStats, load_reference_npz, save_reference
-
     r = cfg.reference
     if r.source.endswith(".npz"):
         mu, sigma = load_reference_npz(r.source)
         return {"mu": mu, "sigma": sigma, "features": None, "count": None, "source": r.source,
                 "cached": True, "note": "statistics file: its Inception extractor is assumed to match"}
-    source = parse_source(r.source)
+    source = parse_reference_source(r.source)
     count = min(source["count"], r.max_images) if r.max_images else source["count"]
     key = reference_key(source, resolution, extractor["digest"], r.max_images)
     cache = cache_dir() / "reference" / f"{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            if "features" in z or not need_features:
-                return {"mu": z["mu"], "sigma": z["sigma"], "count": int(z["count"]),
-                        "features": z["features"] if "features" in z else None,
-                        "source": r.source, "cached": True, "cache_file": str(cache)}
-    shards = [(s, min(s + r.shard_size, count)) for s in range(0, count, r.shard_size)]
+    cached = _cached_reference(cache, need_features)
+    if cached is not None:
+        return {**cached, "source": r.source, "cached": True, "cache_file": str(cache)}
     parts = cache.with_name(f"{key}{'-features' if need_features else ''}.parts")
-    run = run_shards(workers, shards, parts, dict(batch_size=r.batch_size, keep_features=need_features,
-                                                  source=source, resolution=resolution),
-                     desc="reference features")
+    run = run_shards(workers, index_shards(count, r.shard_size), parts,
+                     dict(batch_size=r.batch_size, keep_features=need_features, source=source,
+                          resolution=resolution), desc="reference features")
     merged = summarise_shards(run["files"])
     stats: FeatureStats = merged["stats"]
     save_reference(cache, stats, merged["features"],
@@ -157,30 +177,30 @@ def compute_reference(cfg, workers, extractor: dict, resolution: int, need_featu
             "source": r.source, "cached": False, "cache_file": str(cache)}
 
 
-def grid_png(images, per_row: int, path: Path) -> Path | None:
-    """uint8 (3,H,W) images -> one PNG grid, `per_row` images a row."""
-    from PIL import Image
+def _cached_reference(cache: Path, need_features: bool) -> dict | None:
+    """{mu, sigma, count, features} of a cached reference, or None when there is none (or it
+    lacks the features that KID / precision-recall need)."""
+    if not cache.is_file():
+        return None
+    with np.load(cache) as z:
+        if "features" not in z and need_features:
+            return None
+        return {"mu": z["mu"], "sigma": z["sigma"], "count": int(z["count"]),
+                "features": z["features"] if "features" in z else None}
 
+
+def save_sample_grid(images: list, per_row: int, path: Path) -> Path | None:
+    """The evaluation's sample grid (uint8 (3,H,W) images, `per_row` a row) as a PNG; None when
+    the grid is empty (grid_classes=0)."""
     if not len(images):
         return None
-    imgs = np.stack(images).transpose(0, 2, 3, 1)
-    n, h, w, c = imgs.shape
-    rows = -(-n // per_row)
-    canvas = np.full((rows * (h + 2) + 2, per_row * (w + 2) + 2, c), 255, np.uint8)
-    for i, im in enumerate(imgs):
-        r, col = divmod(i, per_row)
-        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = im
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path
+    return save_png(image_grid(np.stack(images), per_row), path)
 
 
-def log_to_mlflow(cfg, run_id: str, step: int, results: dict, report: dict, report_path: Path,
+def log_to_mlflow(cfg, run_id: str, step: int, results: dict, report_path: Path,
                   grid_path: Path | None) -> str:
     """Metrics (at the checkpoint step), the grid and the report into the training run (when
     known) or a new run. Unavailable metrics are tags, never numbers."""
-    import mlflow
-
     mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
     prefix = cfg.metric_prefix.rstrip("/") + "/" if cfg.metric_prefix else ""
     if run_id:
@@ -201,6 +221,7 @@ def log_to_mlflow(cfg, run_id: str, step: int, results: dict, report: dict, repo
 
 
 def print_table(results: dict, report: dict) -> None:
+    """The results and the counts behind them, as a two-column table on stdout."""
     rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in results.items()]
     rows += [("generated", str(report["num_generated"])), ("reference", str(report["num_reference"])),
              ("resolution", str(report["resolution"])), ("step", str(report["step"])),

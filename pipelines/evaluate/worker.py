@@ -9,17 +9,25 @@ there are, and any shard can be recomputed alone.
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
+import dataclasses
+import time
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
-
+from flowar import vae as flowar_vae
+from flowar.config import SamplerConfig, from_dict
+from flowar.model import FlowAR
+from pipelines.core.images import to_uint8
+from pipelines.data.sources import load_reference_images
+from pipelines.evaluate.inception import InceptionFeatures
+from pipelines.evaluate.metrics import FeatureStats
 
 # ------------------------------------------------------------------------------------------------
 # Per-sample noise and decoding
 # ------------------------------------------------------------------------------------------------
+
 
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed for sample `index` of run `seed` (SeedSequence mixes both well)."""
@@ -28,8 +36,6 @@ def sample_seed(seed: int, index: int) -> int:
 
 def sample_noise(seed: int, index: int, scales, channels: int):
     """The starting noise of one sample: one (s*s, C) float32 tensor per scale."""
-    import torch
-
     g = torch.Generator().manual_seed(sample_seed(seed, index))
     return [torch.randn(s * s, channels, generator=g) for s in scales]
 
@@ -37,8 +43,6 @@ def sample_noise(seed: int, index: int, scales, channels: int):
 def batch_noise(seed: int, indices, scales, channels: int, guided: bool, device="cpu"):
     """Noise for model.generate(noise=...): per scale (B, s*s, C), or (2B, s*s, C) with CFG,
     conditional half first and the same noise in the unconditional half."""
-    import torch
-
     per_sample = [sample_noise(seed, i, scales, channels) for i in indices]
     out = []
     for k in range(len(scales)):
@@ -47,37 +51,18 @@ def batch_noise(seed: int, indices, scales, channels: int, guided: bool, device=
     return out
 
 
-def to_uint8(images):
-    """[-1, 1] float (B,C,H,W) -> uint8 RGB (B,3,H,W); grey is replicated to RGB for Inception."""
-    import torch
-
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise ValueError(f"decoded images have {x.shape[1]} channels; expected 1 or 3")
-    return x.contiguous()
-
-
-def export_vae_spec(ckpt: Path) -> dict:
-    """The `vae` entry of a training export's latents.json (the latent dataset's metadata)."""
-    from flowar.config import ConfigError
-    from pipelines.data.latents import LatentDatasetMeta
-
-    path = Path(ckpt) / "latents.json"
-    if not path.is_file():
-        raise ConfigError(f"{ckpt} has no latents.json naming the VAE of its latents; "
-                          "give the VAE explicitly (generation.vae / --vae)")
-    return dict(LatentDatasetMeta.from_json(path.read_text(), str(path)).vae)
+def as_rgb(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,1|3,H,W) -> (B,3,H,W): Inception takes RGB, so grey is replicated."""
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    if pixels.shape[1] != 3:
+        raise ValueError(f"decoded images have {pixels.shape[1]} channels; expected 1 or 3")
+    return pixels.contiguous()
 
 
 def load_vae(spec: dict, device):
     """(vae, decode) for the VAE named by a latent dataset's metadata (`vae` of latents.json):
     decode maps normalised latents to images in [-1, 1] with the dataset's own normalisation."""
-    import dataclasses
-
-    from flowar import vae as flowar_vae
-
     if not spec.get("id"):
         raise ValueError(f"VAE spec {spec!r} names no VAE ('id')")
     vae, info = flowar_vae.load_vae(spec["id"], device)
@@ -90,54 +75,16 @@ def load_vae(spec: dict, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# Image sources for reference statistics
-# ------------------------------------------------------------------------------------------------
-
-def read_idx_images(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
-
-
-def parse_source(source: str) -> dict:
-    """'fashion-mnist[:train|test]', 'folder:/path' or a bare folder path -> a source spec.
-    Images are then prepared like `flowar encode` does (pipelines.data.sources.preprocess: Fashion-MNIST
-    padded 28 -> 32, ADM center crop, grey -> RGB)."""
-    if source.startswith("fashion-mnist"):
-        split = source.split(":", 1)[1] if ":" in source else "test"
-        if split not in ("train", "test"):
-            raise ValueError(f"reference source {source!r}: split must be train or test")
-        from pipelines.data.bundled import fashion_mnist_file  # encode's and the classifier's lookup
-
-        path = fashion_mnist_file(split, "images")
-        return {"kind": "fashion-mnist", "path": str(path), "count": _idx_count(path)}
-    folder = Path(source.split(":", 1)[1] if source.startswith("folder:") else source).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"reference source {source!r}: {folder} is not a folder of images")
-    files = sorted(str(p) for p in folder.rglob("*") if p.suffix in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"reference source {source!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    return {"kind": "folder", "path": str(folder), "files": files, "count": len(files)}
-
-
-def _idx_count(path: Path) -> int:
-    with gzip.open(path, "rb") as f:
-        return int.from_bytes(f.read(8)[4:8], "big")
-
-
-# ------------------------------------------------------------------------------------------------
 # The worker
 # ------------------------------------------------------------------------------------------------
 
 class EvalWorker:
-    """Holds the Inception network, and the generator + VAE when evaluating a model."""
+    """Holds the Inception network, and the generator + VAE when evaluating a model.
+
+    `generator` is pipelines.evaluate.export.generator_spec's dict; `inception` holds `weights`
+    (a file, resolved on the driver) and `allow_download`."""
 
     def __init__(self, inception: dict | None, generator: dict | None = None, device: str = "auto"):
-        import torch
-
-        from pipelines.evaluate.inception import InceptionFeatures
-
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -147,32 +94,21 @@ class EvalWorker:
                                                inception.get("allow_download", True))
         self.gen = generator
         self.model = None
-        self._source_cache: dict = {}
         if generator is not None:
             self._load_generator(generator)
 
     def _load_generator(self, spec: dict):
-        from flowar import FlowAR
-
         self.model = FlowAR.from_pretrained(spec["checkpoint"]).to(self.device).eval()
         if spec.get("ema_file"):
-            from safetensors.torch import load_file
-
             self.model.load_state_dict(load_file(spec["ema_file"], device=str(self.device)), strict=True)
         self.vae, self.decode = load_vae(spec["vae"], self.device)
 
     def extractor_info(self) -> dict:
-        from dataclasses import asdict
-
-        return {**asdict(self.inception.info), "id": self.inception.info.id}
+        return {**dataclasses.asdict(self.inception.info), "id": self.inception.info.id}
 
     # --- images --------------------------------------------------------------------------------
-    def generate(self, indices: list[int]):
+    def generate(self, indices: list[int]) -> torch.Tensor:
         """uint8 (B,3,H,W) images of the given global sample indices (one batch)."""
-        import torch
-
-        from flowar.config import SamplerConfig, from_dict
-
         g, s = self.gen, self.gen["sampler"]
         cfg = self.model.config
         labels = torch.tensor([i // g["samples_per_class"] % cfg.num_classes for i in indices],
@@ -185,63 +121,57 @@ class EvalWorker:
             g_sde = torch.Generator(self.device).manual_seed(sample_seed(g["seed"] + 1, indices[0]))
             z = self.model.generate(labels, noise=noise, sampler=from_dict(SamplerConfig, s, "sampler"),
                                     generator=g_sde)
-        return to_uint8(self.decode(z))
+        return as_rgb(to_uint8(self.decode(z)))
 
-    def load_source(self, source: dict, start: int, end: int, resolution: int):
-        """uint8 (B,3,res,res) images start..end of a reference source."""
-        import torch
-
-        from pipelines.data.sources import preprocess  # the encode job's: same pad, crop and resize
-
-        if source["kind"] == "fashion-mnist":
-            if source["path"] not in self._source_cache:
-                self._source_cache = {source["path"]: read_idx_images(Path(source["path"]))}
-            raw = list(self._source_cache[source["path"]][start:end])
-        else:
-            raw = [Path(p).read_bytes() for p in source["files"][start:end]]
-        arr = np.stack([preprocess(r, resolution) for r in raw])
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    def load_source(self, source: dict, start: int, end: int, resolution: int) -> torch.Tensor:
+        """uint8 (B,3,res,res) images start..end of a reference source
+        (pipelines.data.sources.parse_reference_source's spec; the encode job's preprocessing)."""
+        pixels = load_reference_images(source, start, end, resolution)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
     # --- one shard ----------------------------------------------------------------------------
     def run_shard(self, start: int, end: int, batch_size: int, keep_features: bool,
                   keep_images: bool = False, grid_indices=(), source: dict | None = None,
                   resolution: int = 0) -> dict:
-        """Stats (+ features, logits, images) of samples [start, end), in fixed batches."""
-        import time
-
+        """Stats (+ features, logits, images, grid images) of samples [start, end), in fixed
+        batches from `start`: generated, or read from `source` when one is given."""
         t0 = time.perf_counter()
-        from pipelines.evaluate.metrics import FeatureStats
-
-        feats, logits, images, grid = [], [], [], {}
         wanted = set(grid_indices)
-        gen_s = feat_s = 0.0
+        feats, logits, images, grid = [], [], [], {}
+        image_s = feature_s = 0.0
         for b0 in range(start, end, batch_size):
             idx = list(range(b0, min(b0 + batch_size, end)))
             t = time.perf_counter()
             x = self.generate(idx) if source is None else self.load_source(source, idx[0], idx[-1] + 1, resolution)
             t1 = time.perf_counter()
             f, lg = self.inception(x)
-            feat_s += time.perf_counter() - t1
-            gen_s += t1 - t
+            feature_s += time.perf_counter() - t1
+            image_s += t1 - t
             feats.append(f)
             if lg is not None:
                 logits.append(lg)
             if keep_images:
                 images.append(x.cpu().numpy())
-            for j, i in enumerate(idx):
-                if i in wanted:
-                    grid[i] = x[j].cpu().numpy()
-        features = np.concatenate(feats)
-        out = {**FeatureStats.of(features).to_arrays(), "start": start, "end": end,
-               "image_seconds": gen_s, "feature_seconds": feat_s,
-               "seconds": time.perf_counter() - t0, "resolution": int(x.shape[-1])}
-        if keep_features:
-            out["features"] = features.astype(np.float32)
-        if logits:
-            out["logits"] = np.concatenate(logits).astype(np.float32)
-        if keep_images:
-            out["images"] = np.concatenate(images)
-        if grid:
-            out["grid_idx"] = np.array(sorted(grid), np.int64)
-            out["grid_images"] = np.stack([grid[i] for i in sorted(grid)])
-        return out
+            grid.update({i: x[j].cpu().numpy() for j, i in enumerate(idx) if i in wanted})
+        timing = {"image_seconds": image_s, "feature_seconds": feature_s,
+                  "seconds": time.perf_counter() - t0}
+        return shard_result(start, end, int(x.shape[-1]), timing, np.concatenate(feats), logits,
+                            images if keep_images else None, grid, keep_features)
+
+
+def shard_result(start: int, end: int, resolution: int, timing: dict, features: np.ndarray,
+                 logits: list, images: list | None, grid: dict, keep_features: bool) -> dict:
+    """One shard's arrays as the driver saves them (one .npz): mergeable stats, the index range,
+    timings, and features / logits / images / grid images when there are any."""
+    out = {**FeatureStats.of(features).to_arrays(), "start": start, "end": end, **timing,
+           "resolution": resolution}
+    if keep_features:
+        out["features"] = features.astype(np.float32)
+    if logits:
+        out["logits"] = np.concatenate(logits).astype(np.float32)
+    if images is not None:
+        out["images"] = np.concatenate(images)
+    if grid:
+        out["grid_idx"] = np.array(sorted(grid), np.int64)
+        out["grid_images"] = np.stack([grid[i] for i in sorted(grid)])
+    return out
