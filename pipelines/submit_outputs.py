@@ -143,8 +143,8 @@ def _config_path_fields(job: str, args) -> list:
     """The path fields of the job's config (file + overrides) as the job will read them."""
     overrides = list(getattr(args, "overrides", None) or [])
     if job == "sweep":  # the sweep file (sweep.KEY=...) and its base training config
-        sweep = _merged(args.sweep, [o[len("sweep."):] for o in overrides if o.startswith("sweep.")])
-        base = sweep.get("base") and Path(args.sweep).parent / sweep["base"]
+        sweep = _merged(args.config, [o[len("sweep."):] for o in overrides if o.startswith("sweep.")])
+        base = sweep.get("base") and Path(args.config).parent / sweep["base"]
         train = _merged(base, list(sweep.get("overrides") or []) +
                         [o for o in overrides if not o.startswith("sweep.")])
         storage = str(sweep.get("storage_path") or "")  # empty: the training job's storage path

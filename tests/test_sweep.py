@@ -136,9 +136,9 @@ def test_missing_relative_data_path_is_refused_before_any_trial(tmp_path, monkey
 
 
 def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, tmp_path):
-    from pipelines.sweep.config import load_sweep, validate
+    from pipelines.sweep.config import read_sweep_file, validate
 
-    sweep, base = load_sweep(write_sweep(tmp_path, "combo", {
+    sweep, base = read_sweep_file(write_sweep(tmp_path, "combo", {
         "model.head": {"grid": ["per_scale", "per_token"]},
         "model.injection": {"grid": ["adaln", "cross_attention"]}}))
     with pytest.raises(ConfigError, match="per_token.*cross_attention|cross_attention.*per_token"):
@@ -146,7 +146,7 @@ def test_combination_of_valid_values_that_the_model_refuses_is_caught(dataset, t
 
 
 def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
-    from pipelines.sweep.config import load_sweep, validate
+    from pipelines.sweep.config import read_sweep_file, validate
 
     # the quickstart's 4x8x8 latents and ImageNet's 16x16x16, both with the image pyramid
     tiny = make_dataset(tmp_path / "fmnist", count=8, side=8, image_scales=(1, 2, 4))
@@ -158,26 +158,26 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
                 "table6-injection": [("model.injection", 6)]}
     for name, axes_expected in expected.items():
         for suffix, data in (("", full), ("-tiny", tiny)):
-            sweep, base = load_sweep(SWEEPS / f"{name}{suffix}.yaml")
+            sweep, base = read_sweep_file(SWEEPS / f"{name}{suffix}.yaml")
             axes, cfg, _ = validate(sweep, base, [f"data.path={data}"])
             assert [(a.key, len(a.values)) for a in axes] == axes_expected, name + suffix
             assert sweep.name == name + suffix
-    sweep, _ = load_sweep(SWEEPS / "table6-injection.yaml")
+    sweep, _ = read_sweep_file(SWEEPS / "table6-injection.yaml")
     assert sweep.search["model.injection"]["grid"] == [
         "spatial_adaln", "adaln", "addition", "cross_attention", "sequence_concat",
         "channel_concat"]
-    sweep, _ = load_sweep(SWEEPS / "table4-scales.yaml")
+    sweep, _ = read_sweep_file(SWEEPS / "table4-scales.yaml")
     assert sweep.search["model.scales"]["grid"] == [[1, 2, 4, 8, 16], [1, 4, 8, 16], [1, 4, 16]]
     # Where the axes change what the loss measures, the summary says "best by loss" means nothing.
     from pipelines.sweep.summary import loss_caveat
     for name, caveat in (("table3-scale-construction", "model.scale_construction"),
                          ("table5-head-objective", "model.objective"), ("table6-injection", "")):
-        sweep, base = load_sweep(SWEEPS / f"{name}-tiny.yaml")
+        sweep, base = read_sweep_file(SWEEPS / f"{name}-tiny.yaml")
         axes, _, _ = validate(sweep, base, [f"data.path={tiny}"])
         text = loss_caveat(axes, sweep.metric)
         assert (caveat in text) if caveat else text == "", name
     # Table 3's image arm needs the image pyramid in the dataset: refused before any trial.
-    sweep, base = load_sweep(SWEEPS / "table3-scale-construction-tiny.yaml")
+    sweep, base = read_sweep_file(SWEEPS / "table3-scale-construction-tiny.yaml")
     plain = make_dataset(tmp_path / "plain", count=8, side=8)
     with pytest.raises(ConfigError, match="image_pyramid"):
         validate(sweep, base, [f"data.path={plain}"])
@@ -187,6 +187,7 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
 
 def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
         ray_local, dataset, tmp_path, monkeypatch):
+    from pipelines.sweep.config import load_sweep
     from pipelines.sweep.job import run_sweep
 
     # The defaults a user gets: run from their own directory with a relative data.path, no
@@ -201,7 +202,7 @@ def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
         overrides=["train.max_steps=20"], storage_path="",
         scheduler={"type": "asha", "time_attr": "step", "grace_period": 10,
                    "reduction_factor": 2})
-    summary = run_sweep(sweep, [f"data.path={os.path.relpath(dataset, tmp_path)}"])
+    summary = run_sweep(load_sweep(sweep, [f"data.path={os.path.relpath(dataset, tmp_path)}"]))
 
     uri = default_store(tmp_path)
     c, parent, kids = children_of(uri, "grid")
@@ -295,6 +296,7 @@ sys.exit(cli.main(["sweep", *sys.argv[2:]]))
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(
         ray_local, dataset, tmp_path, mlflow_uri):
+    from pipelines.sweep.config import load_sweep
     from pipelines.sweep.job import run_sweep
 
     sweep = write_sweep(tmp_path, "resume", {"model.injection": {"grid": ["adaln", "addition"]}},
@@ -317,7 +319,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     assert [k.data.tags["sweep.trial_id"] for k in kids
             if k.info.run_id in finished_before] == first
 
-    summary = run_sweep(sweep, args[1:], resume=True)
+    summary = run_sweep(load_sweep(sweep, args[1:]), resume=True)
 
     c, parent, kids = children_of(mlflow_uri, "resume")
     assert parent.info.status == "FINISHED"
@@ -330,7 +332,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
         resumed = [m.value for m in c.get_metric_history(run_id, "resumed_from_step")]
         assert resumed == [0]  # trained once
     with pytest.raises(ConfigError, match="already exists"):  # same name without --resume
-        run_sweep(sweep, args[1:])
+        run_sweep(load_sweep(sweep, args[1:]))
 
 
 def _finished_trials(exp_dir: Path) -> list[str]:

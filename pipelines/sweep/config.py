@@ -11,8 +11,10 @@ the metric, the scheduler and per-trial resources; plus the checks run before an
     scheduler: {type: asha, grace_period: 10}
     resources: {workers: 1, cpus_per_worker: 1}
 
-Every axis value is checked by building the trial's full TrainJobConfig (the config's own
-validation raises, naming the key) and, for model keys, against the dataset's metadata.
+`load_sweep(path, overrides)` reads the file and the command line's overrides into a `SweepJob`,
+what `run_sweep` (pipelines/sweep/job.py) runs. Every axis value is checked on the way by
+building the trial's full TrainJobConfig (the config's own validation raises, naming the key)
+and, for model keys, against the dataset's metadata.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Iterator, Literal
 
-from flowar.config import ConfigError
-from pipelines.core.config import path_field
+from flowar.config import ConfigError, to_dict
+from pipelines.core.config import (absolute_path, apply_overrides, load_config, parse_overrides,
+                                   path_field, path_fields)
+from pipelines.data.latents import LatentDataset, check_compatible
+from pipelines.train.config import TrainJobConfig, load_train_config
 
-__all__ = ["SweepConfig", "SchedulerConfig", "TrialResources", "Axis", "load_sweep",
-           "trial_overrides", "REPORTED_METRICS", "validate", "resolved_bases", "trial_config"]
+__all__ = ["SweepConfig", "SchedulerConfig", "TrialResources", "Axis", "SweepJob", "load_sweep",
+           "read_sweep_file", "split_overrides", "parse_axes", "trial_overrides",
+           "REPORTED_METRICS", "validate", "resolved_bases", "trial_config"]
 
 # What the training loop's ray.train.report carries at each checkpoint (all Tune and ASHA can see).
 REPORTED_METRICS = ("loss", "lr", "epoch", "step")
@@ -86,6 +92,10 @@ class SweepConfig:
             raise ConfigError("sweep num_samples and max_concurrent_trials must be >= 1")
         if not self.search:
             raise ConfigError("the sweep has no search space: add `search:` with at least one key")
+        parse_axes(self.search)  # the shape of every axis; its values are checked by `validate`
+        if self.resources.workers and "train.num_workers" in self.search:
+            raise ConfigError("search.train.num_workers and resources.workers both set the worker "
+                              "count; keep one")
         if self.metric not in REPORTED_METRICS:
             raise ConfigError(f"metric={self.metric!r} is not reported by the training loop; "
                               f"choose one of {', '.join(REPORTED_METRICS)}")
@@ -100,6 +110,8 @@ class Axis:
     values: list  # grid/choice: the values; uniform/loguniform: [low, high]
 
     def tune_domain(self):
+        # Ray is imported here, not at the top: this module is on `flowar --help`'s import path
+        # (pipelines/sweep/job.py imports it) and Ray takes seconds to import.
         from ray import tune
 
         if self.kind == "grid":
@@ -114,31 +126,39 @@ class Axis:
         return list(self.values)  # bounds of a range, every value of a set
 
 
-def parse_axes(search: dict) -> list[Axis]:
-    axes = []
-    for key, spec in search.items():
-        where = f"search.{key}"
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
-            raise ConfigError(f"{where}: expected one of {{grid: [...]}}, {{choice: [...]}}, "
-                              f"{{uniform: [low, high]}}, {{loguniform: [low, high]}}; got {spec!r}")
-        kind, values = next(iter(spec.items()))
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
-        if kind in ("uniform", "loguniform"):
-            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
-                raise ConfigError(f"{where}.{kind}: expected [low, high] numbers, got {values!r}")
-            low, high = values
-            if not low < high or (kind == "loguniform" and low <= 0):
-                raise ConfigError(f"{where}.{kind}={values}: need {'0 < ' if kind == 'loguniform' else ''}"
-                                  "low < high")
-        axes.append(Axis(str(key), kind, list(values)))
-    return axes
+@dataclass
+class SweepJob:
+    """A sweep ready to run: what `load_sweep` read and checked, and what `run_sweep` runs."""
+    sweep: SweepConfig
+    path: str  # the sweep file, logged on the sweep's MLflow parent run
+    axes: list[Axis]
+    # The trials' base TrainJobConfig without axis values: its MLflow store, Ray storage, data
+    # and train.max_steps are the sweep's.
+    base: TrainJobConfig
+    bases: dict  # preset -> resolved base as a plain dict (`resolved_bases`): what trials build from
 
 
-def load_sweep(path, sweep_overrides=()) -> tuple[SweepConfig, Path | None]:
+# ----------------------------------------------------------------------------- reading the file
+
+def load_sweep(path, overrides=()) -> SweepJob:
+    """`flowar sweep PATH [key=value ...]` read and checked before anything starts: `sweep.KEY=V`
+    overrides the sweep file, every other override the base training config (`split_overrides`).
+    Every path and default is resolved here, in the directory where the user typed the command."""
+    sweep_overrides, train_overrides = split_overrides(overrides)
+    sweep, base = read_sweep_file(path, sweep_overrides)
+    axes, base_cfg, bases = validate(sweep, base, train_overrides)
+    return SweepJob(sweep=sweep, path=str(path), axes=axes, base=base_cfg, bases=bases)
+
+
+def split_overrides(overrides) -> tuple[list[str], list[str]]:
+    """`sweep.key=value` goes to the sweep file, everything else to the base training config."""
+    overrides = list(overrides)
+    sweep = [o[len("sweep."):] for o in overrides if o.startswith("sweep.")]
+    return sweep, [o for o in overrides if not o.startswith("sweep.")]
+
+
+def read_sweep_file(path, sweep_overrides=()) -> tuple[SweepConfig, Path | None]:
     """The sweep file (+ `sweep.`-prefixed overrides) and its base training config's path."""
-    from pipelines.core.config import load_config
-
     sweep = load_config(SweepConfig, path, list(sweep_overrides))
     if not sweep.name:
         sweep.name = Path(path).stem
@@ -152,10 +172,33 @@ def load_sweep(path, sweep_overrides=()) -> tuple[SweepConfig, Path | None]:
     return sweep, base
 
 
+def parse_axes(search: dict) -> list[Axis]:
+    """The search space as axes; a malformed axis is refused naming `search.KEY`."""
+    return [_parse_axis(str(key), spec) for key, spec in search.items()]
+
+
+def _parse_axis(key: str, spec) -> Axis:
+    where = f"search.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise ConfigError(f"{where}: expected one of {{grid: [...]}}, {{choice: [...]}}, "
+                          f"{{uniform: [low, high]}}, {{loguniform: [low, high]}}; got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
+            raise ConfigError(f"{where}.{kind}: expected [low, high] numbers, got {values!r}")
+        low, high = values
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(f"{where}.{kind}={values}: need {'0 < ' if kind == 'loguniform' else ''}"
+                              "low < high")
+    return Axis(key, kind, list(values))
+
+
+# ----------------------------------------------------------------------------- trial configs
+
 def trial_overrides(sweep: SweepConfig, params: dict) -> dict:
     """Axis values (and per-trial resources) as a nested override dict on the base config."""
-    from pipelines.core.config import parse_overrides
-
     tree: dict = {}
     for key, value in params.items():
         node = tree
@@ -163,24 +206,17 @@ def trial_overrides(sweep: SweepConfig, params: dict) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    resources = {}
+    resources = []
     if sweep.resources.workers:
-        resources["train.num_workers"] = sweep.resources.workers
+        resources.append(f"train.num_workers={sweep.resources.workers}")
     if sweep.resources.gpus_per_worker > 0:
-        resources["train.device"] = "cuda"
-    if resources:
-        from pipelines.core.config import apply_overrides
-
-        tree = apply_overrides(parse_overrides([f"{k}={v}" for k, v in resources.items()]), tree)
-    return tree
+        resources.append("train.device=cuda")
+    return apply_overrides(parse_overrides(resources), tree) if resources else tree
 
 
 def _from_files(sweep: SweepConfig, base: Path | None, cli_overrides, params: dict):
     """A TrainJobConfig read the way `flowar train` reads one: base file, sweep overrides, CLI
     overrides, then `params`. Paths resolve against the cwd: call it on the driver only."""
-    from pipelines.core.config import apply_overrides, parse_overrides
-    from pipelines.train.job import load_train_config
-
     tree = parse_overrides(list(sweep.overrides) + list(cli_overrides))
     return load_train_config(base, apply_overrides(tree, trial_overrides(sweep, params)))
 
@@ -194,8 +230,6 @@ def resolved_bases(sweep: SweepConfig, base: Path | None, cli_overrides, axes) -
     None is the base itself; when `preset` is an axis each of its values gets its own base,
     because a preset fills the model section *under* the files (a resolved dict already holds
     every model key, so setting `preset` on it later would change nothing)."""
-    from flowar.config import to_dict
-
     try:
         bases = {None: to_dict(_from_files(sweep, base, cli_overrides, {}))}
     except ConfigError as e:
@@ -210,22 +244,43 @@ def resolved_bases(sweep: SweepConfig, base: Path | None, cli_overrides, axes) -
     return bases
 
 
-def trial_config(sweep: SweepConfig, bases: dict, params: dict, extra=()):
+def trial_config(sweep: SweepConfig, bases: dict, params: dict, extra=()) -> TrainJobConfig:
     """A trial's TrainJobConfig: its resolved base (`resolved_bases`), its axis values, then
     `extra` key=value overrides. Reads no file, so it means the same on every process."""
-    from pipelines.core.config import apply_overrides, load_config, parse_overrides
-    from pipelines.train.job import TrainJobConfig
-
     axes = {k: v for k, v in params.items() if k != "preset"}  # already in its base
     tree = apply_overrides(trial_overrides(sweep, axes), parse_overrides(list(extra)))
     return load_config(TrainJobConfig, None, tree, base=bases[params.get("preset")])
 
 
+# ----------------------------------------------------------------------------- checks
+
+def validate(sweep: SweepConfig, base: Path | None,
+             cli_overrides) -> tuple[list[Axis], TrainJobConfig, dict]:
+    """Refuse a bad search space before anything starts; return the axes, the base config and
+    the resolved bases the trials build their configs from (`trial_config`).
+
+    Every key must be a config key and every value (each grid/choice value, both range bounds)
+    must build a valid trial config, exactly as the trial will build it, and fit its dataset;
+    grid x choice combinations are checked together when there are not too many (e.g.
+    head=per_token with injection=cross_attention is refused)."""
+    axes = parse_axes(sweep.search)
+    bases = resolved_bases(sweep, base, cli_overrides, axes)
+    base_cfg = trial_config(sweep, bases, {})
+    _absolute_path_axes(axes, base_cfg)
+    metas: dict = {}
+    if "data.path" not in sweep.search:
+        # Before the axes: the base alone may not fit the data when an axis sets model keys
+        # (e.g. the base's scales end at 4, every scales value of the axis ends at 8).
+        _dataset_meta(base_cfg.data.path, metas)
+    for params, what in _params_to_check(axes):
+        _check_trial(sweep, bases, params, what, metas)
+    _check_asha_length(sweep, base_cfg)
+    return axes, base_cfg, bases
+
+
 def _absolute_path_axes(axes, cfg) -> None:
     """Axis values that name a place (e.g. a data.path grid) made absolute here, like the base's:
     Tune hands them to trials running in other directories."""
-    from pipelines.core.config import absolute_path, path_fields
-
     kinds = {key: kind for key, kind, _, _ in path_fields(cfg)}
     for axis in axes:
         if axis.key in kinds:
@@ -235,8 +290,6 @@ def _absolute_path_axes(axes, cfg) -> None:
 
 def _dataset_meta(path: str, cache: dict):
     """The latent dataset's metadata, read once per path; refused naming data.path."""
-    from pipelines.data.latents import LatentDataset
-
     if path not in cache:
         try:
             cache[path] = LatentDataset(path).meta
@@ -245,40 +298,12 @@ def _dataset_meta(path: str, cache: dict):
     return cache[path]
 
 
-def validate(sweep: SweepConfig, base: Path | None, cli_overrides) -> tuple[list[Axis], Any, dict]:
-    """Refuse a bad search space before anything starts; return the axes, the base config and
-    the resolved bases the trials build their configs from (`trial_config`).
-
-    Every key must be a config key and every value (each grid/choice value, both range bounds)
-    must build a valid trial config, exactly as the trial will build it, and fit its dataset;
-    grid x choice combinations are checked together when there are not too many (e.g.
-    head=per_token with injection=cross_attention is refused)."""
-    from pipelines.data.latents import check_compatible
-
-    axes = parse_axes(sweep.search)
-    if sweep.resources.workers and "train.num_workers" in sweep.search:
-        raise ConfigError("search.train.num_workers and resources.workers both set the worker "
-                          "count; keep one")
-    bases = resolved_bases(sweep, base, cli_overrides, axes)
-    base_cfg = trial_config(sweep, bases, {})
-    _absolute_path_axes(axes, base_cfg)
-    metas: dict = {}
-    if "data.path" not in sweep.search:
-        # Before the axes: the base alone may not fit the data when an axis sets model keys
-        # (e.g. the base's scales end at 4, every scales value of the axis ends at 8).
-        _dataset_meta(base_cfg.data.path, metas)
-
-    def check(params: dict, what: str):
-        try:
-            cfg = trial_config(sweep, bases, params)
-            check_compatible(_dataset_meta(cfg.data.path, metas), cfg.model)
-        except ConfigError as e:
-            raise ConfigError(f"{what} is refused by the training config: {e}") from None
-        return cfg
-
+def _params_to_check(axes) -> Iterator[tuple[dict, str]]:
+    """(axis values, how to name them) for every value of every axis, then every grid x choice
+    combination when there are at most MAX_COMBINATIONS_CHECKED of them."""
     for axis in axes:
         for value in axis.checked_values():
-            check({axis.key: value}, f"search.{axis.key}: value {value!r}")
+            yield {axis.key: value}, f"search.{axis.key}: value {value!r}"
     sets = [a for a in axes if a.kind in ("grid", "choice")]
     combos = 1
     for a in sets:
@@ -286,9 +311,21 @@ def validate(sweep: SweepConfig, base: Path | None, cli_overrides) -> tuple[list
     if len(sets) > 1 and combos <= MAX_COMBINATIONS_CHECKED:
         for values in itertools.product(*(a.values for a in sets)):
             params = {a.key: v for a, v in zip(sets, values)}
-            check(params, "the combination " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+            yield params, "the combination " + ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+def _check_trial(sweep: SweepConfig, bases: dict, params: dict, what: str, metas: dict) -> None:
+    """Build the trial config of `params` as the trial will, and check it against its data."""
+    try:
+        cfg = trial_config(sweep, bases, params)
+        check_compatible(_dataset_meta(cfg.data.path, metas), cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"{what} is refused by the training config: {e}") from None
+
+
+def _check_asha_length(sweep: SweepConfig, base_cfg: TrainJobConfig) -> None:
+    """ASHA needs max_t, the length of a full trial in time_attr units: its last rung."""
     max_t = sweep.scheduler.max_t or base_cfg.train.max_steps
     if sweep.scheduler.type == "asha" and sweep.scheduler.time_attr == "step" and not max_t:
         raise ConfigError("scheduler.max_t=0 and train.max_steps=0: set one of them so ASHA "
                           "knows the full length of a trial")
-    return axes, base_cfg, bases

@@ -2,9 +2,13 @@
 per axis value and the best trial's full training config, written beside the Tune experiment and
 logged to the sweep's MLflow parent run.
 
-This module only writes the report: the trials come settled by the driver (pipelines.sweep.job.
-settle_trials), each with its status (COMPLETED, STOPPED_EARLY when the scheduler stopped it,
-FAILED, or Tune's status for a trial that never ended) and its MLflow child run id.
+This module only writes the report, from what it is handed: the trials come settled by the
+driver (pipelines.sweep.trial.settle_trials), each with its status (COMPLETED, STOPPED_EARLY when
+the scheduler stopped it, FAILED, or Tune's status for a trial that never ended) and its MLflow
+child run id. It searches no MLflow store and imports neither the driver nor the trial module.
+
+Imported by the driver only when a sweep has run (pipelines/sweep/job.py): matplotlib takes a
+second to import, too long for `flowar --help`.
 """
 
 from __future__ import annotations
@@ -15,12 +19,70 @@ import math
 import tempfile
 from pathlib import Path
 
-__all__ = ["summarise", "trial_rows", "markdown_table"]
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from pipelines.core import tracking
+from pipelines.core.config import dump_yaml
+from pipelines.core.storage import is_uri
+from pipelines.sweep.config import SweepJob, trial_config
+
+__all__ = ["summarise", "trial_rows", "markdown_table", "best_row", "loss_caveat"]
 
 # Axes whose values change what the training loss measures (its targets, or their weights): a
 # "best loss" across them means nothing, so the summary says so and points at each trial's export.
 LOSS_CHANGING_KEYS = ("model.objective", "model.scale_construction", "model.loss_weighting",
                       "model.time_sampling", "model.scales")
+STATUSES = ("COMPLETED", "STOPPED_EARLY", "FAILED")
+COLOURS = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "FAILED": "tab:red"}
+
+
+def summarise(trials: list, job: SweepJob, uri: str, parent_id: str, exp_dir: str) -> dict:
+    """Write trials.csv/.md, the plot and the best config; log them on the parent run.
+
+    `trials`: pipelines.sweep.trial.SettledTrial, in trial order. Returns what the command line
+    prints: rows, table, metric, dir, caveat, best_trial, best_value, best_config, counts."""
+    metric = job.sweep.metric
+    rows = trial_rows(trials, job.axes, metric)
+    columns = ["trial_id", *(a.key for a in job.axes), metric, "step", "status"]
+    table = markdown_table(rows, columns)
+    caveat = loss_caveat(job.axes, metric)
+    best = best_row(rows, metric, job.sweep.mode)
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+
+    out = Path(exp_dir) / "summary" if not is_uri(exp_dir) else Path(tempfile.mkdtemp())
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(rows, columns + ["run_id", "export_dir"], out / "trials.csv")
+    (out / "trials.md").write_text(table + "\n" + (f"\n{caveat}\n" if caveat else ""))
+    _plot(rows, job.axes, metric, out / f"{metric}_per_axis.png")
+    best_config = _write_best_config(job, best, out / "best_config.yaml") if best else ""
+    _log_on_parent(tracking.client(uri), parent_id, out, rows, counts, best, metric, caveat)
+    return {"rows": rows, "table": table, "metric": metric, "dir": str(out), "caveat": caveat,
+            "best_trial": best["trial_id"] if best else "", "best_value": best[metric] if best else None,
+            "best_config": best_config, "counts": counts}
+
+
+def trial_rows(trials: list, axes, metric: str) -> list[dict]:
+    """One dict per settled trial: trial_id, each axis, metric, step, status, run_id, export_dir."""
+    rows = []
+    for trial in trials:
+        last = trial.last_result
+        value = last.get(metric)
+        rows.append({"trial_id": trial.trial_id,
+                     **{a.key: trial.config.get(a.key) for a in axes},
+                     metric: float(value) if isinstance(value, (int, float)) else float("nan"),
+                     "step": last.get("step", ""), "status": trial.status,
+                     "run_id": trial.run_id, "export_dir": last.get("export_dir", "")})
+    return rows
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    """The best trial by `metric`: among those that ran all their steps when any did (a trial
+    stopped early reports a metric from fewer steps), never a failed one."""
+    sign = 1 if mode == "min" else -1
+    usable = [r for r in rows if math.isfinite(r[metric]) and r["status"] != "FAILED"]
+    finished = [r for r in usable if r["status"] == "COMPLETED"] or usable
+    return min(finished, key=lambda r: sign * r[metric]) if finished else None
 
 
 def loss_caveat(axes, metric: str) -> str:
@@ -32,6 +94,12 @@ def loss_caveat(axes, metric: str) -> str:
             "each trial's export (export_dir in trials.csv) with flowar evaluate.")
 
 
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_show(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def _show(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -40,105 +108,63 @@ def _show(value) -> str:
     return str(value)
 
 
-def trial_rows(trials: list[dict], axes, metric: str) -> list[dict]:
-    """One dict per settled trial: trial_id, each axis, metric, step, status, run_id, export_dir."""
-    rows = []
-    for trial in trials:
-        last = trial["last_result"]
-        value = last.get(metric)
-        rows.append({"trial_id": trial["trial_id"],
-                     **{a.key: trial["config"].get(a.key) for a in axes},
-                     metric: float(value) if isinstance(value, (int, float)) else float("nan"),
-                     "step": last.get("step", ""), "status": trial["status"],
-                     "run_id": trial["run_id"], "export_dir": last.get("export_dir", "")})
-    return rows
+def _write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _show(v) for k, v in r.items()} for r in rows)
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_show(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+def _write_best_config(job: SweepJob, best: dict, path: Path) -> str:
+    """The best trial's full training config, reusable as `flowar train PATH`."""
+    cfg = trial_config(job.sweep, job.bases, {a.key: best[a.key] for a in job.axes})
+    cfg.mlflow.run_name = ""  # a reusable training config, not the trial's run
+    dump_yaml(cfg, path)
+    return str(path)
 
 
 def _plot(rows: list[dict], axes, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "FAILED": "tab:red"}
-    fig, panels = plt.subplots(1, len(axes), figsize=(4.5 * len(axes), 3.6), squeeze=False)
+    """One panel per axis: each trial's final metric at its axis value, coloured by status.
+    A bare Figure (no pyplot): no GUI backend and no global figure state in the driver."""
+    fig = Figure(figsize=(4.5 * len(axes), 3.6))
+    panels = fig.subplots(1, len(axes), squeeze=False)
     for ax, axis in zip(panels[0], axes):
-        numeric = axis.kind in ("uniform", "loguniform")
-        labels = [] if numeric else [_show(v) for v in axis.values]
-        for row in rows:
-            y = row[metric]
-            if not math.isfinite(y):
-                continue
-            x = row[axis.key] if numeric else labels.index(_show(row[axis.key])) \
-                if _show(row[axis.key]) in labels else len(labels)
-            ax.scatter([x], [y], color=colours.get(row["status"], "grey"), s=36)
-        if numeric and axis.kind == "loguniform":
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-        ax.set_xlabel(axis.key)
-        ax.set_ylabel(f"final {metric}")
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=s) for s, c in colours.items()]
+        _plot_axis(ax, rows, axis, metric)
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=s) for s, c in COLOURS.items()]
     fig.legend(handles=handles, loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def summarise(trials: list[dict], sweep, axes, bases: dict, uri: str, parent_id: str,
-              exp_dir: str) -> dict:
-    """Write trials.csv/.md, the plot and the best config; log them on the parent run."""
-    from pipelines.core import tracking
-    from pipelines.core.config import dump_yaml
-    from pipelines.core.storage import is_uri
-    from pipelines.sweep.config import trial_config
+def _plot_axis(ax, rows: list[dict], axis, metric: str) -> None:
+    numeric = axis.kind in ("uniform", "loguniform")
+    labels = [] if numeric else [_show(v) for v in axis.values]
+    for row in rows:
+        y = row[metric]
+        if not math.isfinite(y):
+            continue
+        shown = _show(row[axis.key])
+        x = row[axis.key] if numeric else labels.index(shown) if shown in labels else len(labels)
+        ax.scatter([x], [y], color=COLOURS.get(row["status"], "grey"), s=36)
+    if axis.kind == "loguniform":
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax.set_xlabel(axis.key)
+    ax.set_ylabel(f"final {metric}")
+    ax.grid(alpha=0.3)
 
-    c = tracking.client(uri)
-    metric = sweep.metric
-    rows = trial_rows(trials, axes, metric)
-    columns = ["trial_id", *(a.key for a in axes), metric, "step", "status"]
-    table = markdown_table(rows, columns)
 
-    sign = 1 if sweep.mode == "min" else -1
-    usable = [r for r in rows if math.isfinite(r[metric]) and r["status"] != "FAILED"]
-    finished = [r for r in usable if r["status"] == "COMPLETED"] or usable
-    best = min(finished, key=lambda r: sign * r[metric]) if finished else None
-
-    out = Path(exp_dir) / "summary" if not is_uri(exp_dir) else Path(tempfile.mkdtemp())
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns + ["run_id", "export_dir"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: _show(v) for k, v in r.items()} for r in rows)
-    caveat = loss_caveat(axes, metric)
-    (out / "trials.md").write_text(table + "\n" + (f"\n{caveat}\n" if caveat else ""))
-    _plot(rows, axes, metric, out / f"{metric}_per_axis.png")
-    best_config = ""
-    if best is not None:
-        cfg = trial_config(sweep, bases, {a.key: best[a.key] for a in axes})
-        cfg.mlflow.run_name = ""  # a reusable training config, not the trial's run
-        dump_yaml(cfg, out / "best_config.yaml")
-        best_config = str(out / "best_config.yaml")
-
-    counts = {s: sum(r["status"] == s for r in rows)
-              for s in ("COMPLETED", "STOPPED_EARLY", "FAILED")}
-    c.log_artifacts(parent_id, str(out), artifact_path="summary")
-    c.log_metric(parent_id, "trials", len(rows))
+def _log_on_parent(client, parent_id: str, out: Path, rows: list[dict], counts: dict,
+                   best: dict | None, metric: str, caveat: str) -> None:
+    """The report as the parent run's artefacts, its counts and best trial as metrics and tags."""
+    client.log_artifacts(parent_id, str(out), artifact_path="summary")
+    client.log_metric(parent_id, "trials", len(rows))
     for status, n in counts.items():
-        c.log_metric(parent_id, f"trials_{status.lower()}", n)
+        client.log_metric(parent_id, f"trials_{status.lower()}", n)
     if best is not None:
-        c.log_metric(parent_id, f"best_{metric}", best[metric])
-        c.set_tag(parent_id, "best_trial", best["trial_id"])
-        c.set_tag(parent_id, "best_run_id", best["run_id"])
+        client.log_metric(parent_id, f"best_{metric}", best[metric])
+        client.set_tag(parent_id, "best_trial", best["trial_id"])
+        client.set_tag(parent_id, "best_run_id", best["run_id"])
     if caveat:
-        c.set_tag(parent_id, "caveat", caveat)
-    return {"rows": rows, "table": table, "metric": metric, "dir": str(out), "caveat": caveat,
-            "best_trial": best["trial_id"] if best else "", "best_value": best[metric] if best else None,
-            "best_config": best_config, "counts": counts}
+        client.set_tag(parent_id, "caveat", caveat)
