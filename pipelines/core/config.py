@@ -17,6 +17,7 @@ relative path means relative to the uploaded working directory (see pipelines/su
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -29,11 +30,13 @@ from typing import Callable, Literal
 import yaml
 
 from flowar.config import ConfigError, from_dict, to_dict
+from pipelines.core.storage import is_uri
 
 __all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_overrides",
            "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri",
            "add_print_config", "add_job_parser", "flowar_home", "path_field", "resolve_paths", "path_fields",
-           "paths_as_given", "absolute_path"]
+           "paths_as_given", "absolute_path", "default_storage_path", "local_tracking_uri",
+           "HOME_DEFAULT", "RAY_RESULTS"]
 
 # What a path field names, which decides how a relative value is read:
 #   input        a file or folder that must exist (a dataset, a checkpoint, a weights file)
@@ -44,21 +47,35 @@ __all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_ove
 PathKind = Literal["input", "output", "input_or_id", "reference", "tracking_uri"]
 
 
+# The one spelling of the places under $FLOWAR_HOME: every job's defaults (and the folders
+# `flowar submit` never uploads) come from these.
+HOME_DEFAULT = "flowar-runs"  # $FLOWAR_HOME when unset, relative to where the command runs
+RAY_RESULTS = "ray_results"  # Ray Train/Tune storage of every job (training, sweeps, the VAE)
+MLFLOW_DB = "mlflow.db"  # the local MLflow store
+
+
 def flowar_home() -> Path:
     """Where jobs write by default: $FLOWAR_HOME, else ./flowar-runs (absolute)."""
-    return Path(os.environ.get("FLOWAR_HOME") or "flowar-runs").expanduser().absolute()
+    return Path(os.environ.get("FLOWAR_HOME") or HOME_DEFAULT).expanduser().absolute()
+
+
+def local_tracking_uri(home: str | os.PathLike) -> str:
+    """The SQLite MLflow store under `home` (absolute path: sqlite:////abs/path, see
+    docs/stack-facts.md, "SQLite URIs")."""
+    return f"sqlite:///{Path(home).absolute() / MLFLOW_DB}"
 
 
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI when set (cluster pods point it at the cluster's MLflow server, see
-    clusters/), else a local SQLite store (absolute path: sqlite:////abs/path, see docs/stack-facts.md)."""
+    clusters/), else the local SQLite store under $FLOWAR_HOME."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return _absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    return f"sqlite:///{flowar_home() / 'mlflow.db'}"
+    return local_tracking_uri(flowar_home())
 
 
 def default_storage_path() -> str:
-    return str(flowar_home() / "ray_results")
+    """Ray Train/Tune storage when the config leaves it empty: $FLOWAR_HOME/ray_results."""
+    return str(flowar_home() / RAY_RESULTS)
 
 
 def path_field(kind: PathKind, default: str = "", *, default_fn: Callable[[], str] | None = None):
@@ -85,6 +102,9 @@ class RayConfig:
     # Ray Train/Tune storage; must be shared storage on a multi-node cluster.
     # Empty: <$FLOWAR_HOME>/ray_results (filled at config read).
     storage_path: str = path_field("output", default_fn=default_storage_path)
+
+    def resolved_storage_path(self) -> str:
+        return self.storage_path or default_storage_path()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,8 +134,6 @@ def _absolute_tracking_uri(uri: str, cwd: Path | None = None) -> str:
 
 def absolute_path(value: str, kind: PathKind = "input", cwd: Path | None = None) -> str:
     """`value` as the same place seen from any directory (URIs and hub ids unchanged)."""
-    from pipelines.core.storage import is_uri
-
     cwd = Path(cwd or Path.cwd())
     if kind == "tracking_uri":
         return _absolute_tracking_uri(value, cwd)
@@ -224,13 +242,19 @@ def add_print_config(parser, load) -> None:
     parser.set_defaults(load_config=load)
 
 
-def add_job_parser(subparsers, name: str, *, run, load, help: str, description: str, epilog: str,
-                   config_help: str, overrides_example: str, config_optional: bool = False):
+def add_job_parser(subparsers, name: str, *, run, load, help: str, description: str,
+                   config_help: str | None, overrides_example: str, epilog: str | None = None,
+                   config_optional: bool = False, raw_description: bool = False):
     """The subcommand of one config-driven job: `flowar NAME CONFIG [key=value ...]
     [--print-config]`. `run(args)` runs it (the job's `_cli`), `load(args)` builds its config.
+    `config_help=None`: no CONFIG argument (a job configured by overrides alone, e.g. the
+    quickstart). `raw_description`: keep the description's line breaks (a module docstring).
     Returns the parser, for the job's own extra options."""
-    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog)
-    parser.add_argument("config", nargs="?" if config_optional else None, help=config_help)
+    formatter = argparse.RawDescriptionHelpFormatter if raw_description else argparse.HelpFormatter
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                   formatter_class=formatter)
+    if config_help is not None:
+        parser.add_argument("config", nargs="?" if config_optional else None, help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"dotted-key overrides of the config, e.g. {overrides_example}")
     parser.set_defaults(func=run)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.utils import make_grid
 
 __all__ = ["to_uint8", "from_uint8", "image_grid", "save_png"]
@@ -40,8 +41,6 @@ def image_grid(images, per_row: int) -> np.ndarray:
 
 def save_png(grid: np.ndarray, path) -> Path:
     """Write an (H, W, 3) uint8 array as a PNG, creating the folder."""
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
