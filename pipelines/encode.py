@@ -13,7 +13,7 @@ The images are cut into fixed shards of `encode.shard_size` (by sorted key). Eac
 what it receives as parts covering ranges of a shard, atomically. A re-run keeps every shard whose
 parts cover it exactly and redoes the others (dropping their partial parts), so a killed run
 resumes with no duplicates and no gaps. Unreadable images become rows of rejects.jsonl, never a
-dead job.
+dead job. The actor, LatentWriter, is in pipelines/encode_writer.py.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from flowar.config import ConfigError
+from flowar.config import ConfigError, to_dict
 from pipelines.core import storage
+from pipelines.core.config import RayConfig, add_job_parser, load_config, path_field
+from pipelines.core.ray_runtime import init_ray
 from pipelines.data import latents
-from pipelines.core.config import RayConfig, add_print_config, load_config, path_field
-from pipelines.data.sources import SourceConfig
+from pipelines.data.sources import SourceConfig, decode_items, list_items
 
 
 @dataclass
@@ -95,10 +97,16 @@ def load_encode_config(path=None, overrides=()) -> EncodeConfig:
     the loaded VAE), the source's listing (source.*), and an existing output made with other
     settings (compared with the listing)."""
     cfg = load_config(EncodeConfig, path, overrides)
+    check_vae_config(cfg)
+    return cfg
+
+
+def check_vae_config(cfg: EncodeConfig) -> None:
+    """encode.resolution and the pyramid sides against the downsampling that the VAE's config
+    file gives, when it gives one (see `vae_downsample`)."""
     downsample = vae_downsample(cfg.vae.spec, cfg.vae.ldm_config or None)
     if downsample is not None:
         check_vae_geometry(cfg, downsample)
-    return cfg
 
 
 # Where each supported diffusers class keeps the channel list whose length sets its downsampling
@@ -113,41 +121,49 @@ def vae_downsample(spec: str, ldm_config: dict | None = None) -> int | None:
     only loading it can tell (a hub id; an LDM checkpoint without vae.ldm_config, unless it is a
     .safetensors file with a <file>.json beside it). ConfigError, with
     `flowar.vae.load_vae`'s reason, when `spec` cannot be a VAE at all."""
-    from pathlib import Path
-
-    def refuse(reason: str):
-        raise ConfigError(f"vae.spec={spec!r}: {reason}")
-
     path = Path(spec).expanduser()
     if path.is_file():  # an LDM checkpoint, configured as load_vae does it
-        config = ldm_config
-        sidecar = path.with_suffix(path.suffix + ".json")
-        if config is None:
-            if path.suffix != ".safetensors":
-                return None  # a `config` entry in the file would win over <file>.json
-            if sidecar.is_file():
-                try:
-                    config = json.loads(sidecar.read_text())
-                except (OSError, ValueError) as e:
-                    refuse(f"{sidecar} is not a readable JSON config ({e})")
-        mult = (config or {}).get("ch_mult")
-        return 2 ** (len(mult) - 1) if isinstance(mult, (list, tuple)) and mult else None
+        return _ldm_downsample(spec, path, ldm_config)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            refuse(f"VAE folder {spec!r} has no config.json (expected a diffusers save_pretrained "
-                   "folder)")
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            refuse(f"{path / 'config.json'} is not readable JSON ({e})")
-        kind = config.get("_class_name", "AutoencoderKL")
-        if kind not in _DOWNSAMPLE_KEYS:
-            refuse(f"VAE {spec!r} is a {kind}; supported: {', '.join(_DOWNSAMPLE_KEYS)}")
-        levels = config.get(_DOWNSAMPLE_KEYS[kind])
-        return 2 ** (len(levels) - 1) if isinstance(levels, list) and levels else None
+        return _diffusers_downsample(spec, path)
     if spec.startswith((".", "/", "~")) or spec.partition(":")[0].count("/") != 1:
-        refuse(f"VAE {spec!r}: no such file or folder, and not a hub id (org/name)")
+        _refuse_vae(spec, f"VAE {spec!r}: no such file or folder, and not a hub id (org/name)")
     return None  # a hub id: its config is on the hub
+
+
+def _refuse_vae(spec: str, reason: str):
+    raise ConfigError(f"vae.spec={spec!r}: {reason}")
+
+
+def _ldm_downsample(spec: str, path: Path, config: dict | None) -> int | None:
+    """2^(levels - 1) of an LDM checkpoint's `ch_mult`, from vae.ldm_config or <file>.json."""
+    sidecar = path.with_suffix(path.suffix + ".json")
+    if config is None:
+        if path.suffix != ".safetensors":
+            return None  # a `config` entry in the file would win over <file>.json
+        if sidecar.is_file():
+            try:
+                config = json.loads(sidecar.read_text())
+            except (OSError, ValueError) as e:
+                _refuse_vae(spec, f"{sidecar} is not a readable JSON config ({e})")
+    mult = (config or {}).get("ch_mult")
+    return 2 ** (len(mult) - 1) if isinstance(mult, (list, tuple)) and mult else None
+
+
+def _diffusers_downsample(spec: str, path: Path) -> int | None:
+    """2^(levels - 1) of a diffusers save_pretrained folder's encoder channel list."""
+    if not (path / "config.json").is_file():
+        _refuse_vae(spec, f"VAE folder {spec!r} has no config.json (expected a diffusers "
+                          "save_pretrained folder)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        _refuse_vae(spec, f"{path / 'config.json'} is not readable JSON ({e})")
+    kind = config.get("_class_name", "AutoencoderKL")
+    if kind not in _DOWNSAMPLE_KEYS:
+        _refuse_vae(spec, f"VAE {spec!r} is a {kind}; supported: {', '.join(_DOWNSAMPLE_KEYS)}")
+    levels = config.get(_DOWNSAMPLE_KEYS[kind])
+    return 2 ** (len(levels) - 1) if isinstance(levels, list) and levels else None
 
 
 def check_vae_geometry(cfg: EncodeConfig, downsample: int) -> int:
@@ -165,89 +181,6 @@ def check_vae_geometry(cfg: EncodeConfig, downsample: int) -> int:
                               f"{latent_size}x{latent_size} latent (encode.resolution="
                               f"{enc.resolution} / VAE downsampling {downsample})")
     return latent_size
-
-
-HOLD_ENV = "FLOWAR_TEST_ENCODE_HOLD_AFTER_PARTS"
-
-
-class LatentWriter:
-    """Actor: loads the VAE once, encodes batches of cropped images, writes them as parts."""
-
-    def __init__(self, cfg: dict, meta_json: str, out: str):
-        import torch
-
-        from flowar.vae import load_vae
-        self.cfg, self.out = cfg, out
-        self.meta = latents.LatentDatasetMeta.from_json(meta_json)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(cfg["encode"]["actor_cpus"])))
-        self.vae, info = load_vae(cfg["vae"]["spec"], self.device, cfg["vae"]["ldm_config"] or None)
-        if info.sha256 != self.meta.vae["sha256"]:  # e.g. a node with another copy of the file
-            raise RuntimeError(f"VAE {info.id} on this node hashes to {info.sha256[:12]}, the driver's "
-                               f"to {self.meta.vae['sha256'][:12]}")
-
-    def _moments(self, images):
-        import torch
-        import torch.nn.functional as F
-
-        from flowar.pyramid import image_at_scale
-        from flowar.vae import encode_moments
-        enc = self.cfg["encode"]
-        dtype = getattr(torch, self.meta.dtype)
-        downsample = self.meta.resolution // self.meta.latent_size
-        sides = [None, *self.meta.image_scales]  # None: the full-size image -> the latent
-        out: dict[str, list] = {}
-        for s in range(0, len(images), enc["batch_size"]):
-            x = torch.from_numpy(images[s:s + enc["batch_size"]].copy()).permute(0, 3, 1, 2)
-            x = x.float().div(127.5).sub(1.0)
-            views = [(False, x)] + ([(True, x.flip(3))] if self.meta.flip else [])
-            for flip, view in views:
-                for side in sides:
-                    small = view if side is None else image_at_scale(view, side, downsample)
-                    mean, std = encode_moments(self.vae, small)
-                    out.setdefault(latents.moment_column("mean", flip, side), []).append(mean.cpu())
-                    out.setdefault(latents.moment_column("std", flip, side), []).append(std.cpu())
-        cols = {k: torch.cat(v) for k, v in out.items()}
-        for side in self.meta.scales[:-1]:  # coarser pyramid levels of the mean, area-downsampled
-            cols[f"mean_s{side}"] = F.interpolate(cols["mean"], size=(side, side), mode="area")
-        return {k: v.to(dtype).numpy() for k, v in cols.items()}
-
-    def _hold_if_asked(self) -> None:
-        """Test hook (HOLD_ENV=N): after this actor's N-th part, write nothing more until the
-        job is killed, so a kill test finds exactly N parts however loaded the machine is."""
-        import os
-        import threading
-
-        self.parts_written = getattr(self, "parts_written", 0) + 1
-        hold = os.environ.get(HOLD_ENV, "")
-        if hold and self.parts_written >= int(hold):
-            threading.Event().wait()  # until the kill
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-        summary = {k: [] for k in ("shard", "start", "end", "images", "rejects", "bytes")}
-        order = np.lexsort((batch["index"], batch["shard"]))
-        shard, index = batch["shard"][order], batch["index"][order]
-        # Split into runs of consecutive indices of one shard: each run becomes one part.
-        cut = np.flatnonzero((np.diff(shard) != 0) | (np.diff(index) != 1)) + 1
-        for run in np.split(order, cut):
-            if not len(run):
-                continue
-            ok = run[batch["reason"][run] == ""]
-            bad = run[batch["reason"][run] != ""]
-            cols = {"key": batch["key"][ok].astype(str).tolist(), "label": batch["label"][ok]}
-            if len(ok):
-                cols.update(self._moments(batch["image"][ok]))
-            rejects = [{"key": str(batch["key"][i]), "source": str(batch["ref"][i]),
-                        "reason": str(batch["reason"][i])} for i in bad]
-            s, a, b = int(batch["shard"][run[0]]), int(batch["index"][run[0]]), int(batch["index"][run[-1]]) + 1
-            nbytes = latents.LatentDataset(self.out).write_part(s, a, b, cols, rejects, self.meta)
-            self._hold_if_asked()
-            for k, v in (("shard", s), ("start", a), ("end", b), ("images", len(ok)),
-                         ("rejects", len(bad)), ("bytes", nbytes)):
-                summary[k].append(v)
-        return {k: np.asarray(v, np.int64) for k, v in summary.items()}
 
 
 def _job_record(meta: latents.LatentDatasetMeta, cfg: EncodeConfig, items) -> dict:
@@ -291,7 +224,7 @@ def _probe_image_scales(vae, sides, downsample: int, channels: int) -> None:
     small image (e.g. GroupNorm with one value per group at 1x1) fails here, not in an actor."""
     import torch
 
-    from flowar.vae import encode_moments
+    from flowar.vae import encode_moments  # torch: not at the top, `flowar --help` imports this
     for side in sorted(set(sides)):
         px = side * downsample
         try:
@@ -306,57 +239,30 @@ def _probe_image_scales(vae, sides, downsample: int, channels: int) -> None:
 
 
 def _init_ray(cfg: EncodeConfig):
-    from pipelines.core.ray_runtime import init_ray
     need = cfg.encode.actors * cfg.encode.actor_cpus + 1  # + one decode task at a time
     return init_ray(cfg.ray, min_cpus=int(need + 0.999))
 
 
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode (or resume encoding) cfg.source into cfg.output; returns the summary."""
-    from flowar.vae import load_vae
-    from pipelines.data.sources import list_items
-
-    enc = cfg.encode
     # The config's own checks ran when it was built; these read the VAE's config (the same
     # function and messages as load_encode_config, so --print-config and the run agree).
-    downsample = vae_downsample(cfg.vae.spec, cfg.vae.ldm_config or None)
-    if downsample is not None:
-        check_vae_geometry(cfg, downsample)
+    check_vae_config(cfg)
     items, classes = list_items(cfg.source)
-    try:
-        vae, info = load_vae(cfg.vae.spec, "cpu", cfg.vae.ldm_config or None)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"vae.spec={cfg.vae.spec!r}: {e}") from None
-    latent_size = check_vae_geometry(cfg, info.downsample)  # a hub id's or a checkpoint's own
-    _probe_image_scales(vae, enc.image_pyramid, info.downsample, info.latent_channels)
-    del vae
-    source = {k: v for k, v in vars(cfg.source).items() if k in ("kind", "path", "split", "limit")}
-    meta = latents.LatentDatasetMeta(
-        vae=info.to_dict(), resolution=enc.resolution, latent_size=latent_size,
-        latent_channels=info.latent_channels, scales=sorted(set(enc.pyramid)) + [latent_size],
-        image_scales=sorted(set(enc.image_pyramid)),
-        dtype=enc.dtype, num_classes=len(classes), class_names=classes, flip=enc.flip,
-        source=source, code_version=latents.code_version())
+    meta = _dataset_meta(cfg, classes)
     _prepare_output(cfg, _job_record(meta, cfg, items))
-
-    shards = [items[i:i + enc.shard_size] for i in range(0, len(items), enc.shard_size)]
-    dataset = latents.LatentDataset(cfg.output)
-    parts = dataset.parts()
-    done = {s for s, ranges in parts.items() if s < len(shards) and latents.covers(ranges, len(shards[s]))}
-    stale = [p for s, ranges in parts.items() if s not in done for _, _, p in ranges]
-    dataset.remove(stale)  # partial shards of a killed run are redone whole
-    todo = [s for s in range(len(shards)) if s not in done]
+    shards = [items[i:i + cfg.encode.shard_size] for i in range(0, len(items), cfg.encode.shard_size)]
+    done, todo = _resume(cfg.output, shards)
     print(f"flowar encode: {len(items)} images in {len(shards)} shards; {len(done)} already "
           f"written, {len(todo)} to do -> {storage.display(cfg.output)}", file=sys.stderr)
 
-    images = rejects = nbytes = 0
-    elapsed = 0.0
+    counts = {"images": 0, "rejects": 0, "bytes": 0, "seconds": 0.0}
     if todo:
-        images, rejects, nbytes, elapsed = _run_pipeline(cfg, meta, shards, todo,
-                                                         sum(len(shards[s]) for s in todo))
-    final = dataset.finalise(meta)
-    summary = {"images": images, "rejects": rejects, "seconds": round(elapsed, 2),
-               "images_per_s": round(images / elapsed, 2) if images else 0.0, "bytes": nbytes,
+        counts = _run_pipeline(cfg, meta, shards, todo, sum(len(shards[s]) for s in todo))
+    final = latents.LatentDataset(cfg.output).finalise(meta)
+    images, elapsed = counts["images"], counts["seconds"]
+    summary = {"images": images, "rejects": counts["rejects"], "seconds": round(elapsed, 2),
+               "images_per_s": round(images / elapsed, 2) if images else 0.0, "bytes": counts["bytes"],
                "shards_done": len(todo), "shards_skipped": len(done),
                "dataset_count": final.count, "dataset_rejects": final.rejects,
                "output": storage.display(cfg.output)}
@@ -364,52 +270,85 @@ def run_encode(cfg: EncodeConfig) -> dict:
     return summary
 
 
-def _run_pipeline(cfg, meta, shards, todo, total):
-    from tqdm import tqdm
+def _dataset_meta(cfg: EncodeConfig, classes: list[str]) -> latents.LatentDatasetMeta:
+    """Load the VAE once on the driver: its geometry is checked (a hub id's or a checkpoint's
+    own), its image-pyramid sizes probed, and its record becomes the dataset's metadata."""
+    from flowar.vae import load_vae  # torch: not at the top, `flowar --help` imports this
 
-    from flowar.config import to_dict
-    from pipelines.data.sources import decode_items
-    ray = _init_ray(cfg)
     enc = cfg.encode
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours below counts images, Ray's would count blocks
-    rows = [{"shard": s, "keys": [k for k, _, _ in shards[s]], "labels": [y for _, y, _ in shards[s]],
-             "refs": [r for _, _, r in shards[s]]} for s in todo]
+    try:
+        vae, info = load_vae(cfg.vae.spec, "cpu", cfg.vae.ldm_config or None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"vae.spec={cfg.vae.spec!r}: {e}") from None
+    latent_size = check_vae_geometry(cfg, info.downsample)
+    _probe_image_scales(vae, enc.image_pyramid, info.downsample, info.latent_channels)
+    source = {k: v for k, v in vars(cfg.source).items() if k in ("kind", "path", "split", "limit")}
+    return latents.LatentDatasetMeta(
+        vae=info.to_dict(), resolution=enc.resolution, latent_size=latent_size,
+        latent_channels=info.latent_channels, scales=sorted(set(enc.pyramid)) + [latent_size],
+        image_scales=sorted(set(enc.image_pyramid)),
+        dtype=enc.dtype, num_classes=len(classes), class_names=classes, flip=enc.flip,
+        source=source, code_version=latents.code_version())
+
+
+def _resume(output: str, shards: list) -> tuple[set[int], list[int]]:
+    """(shards already written whole, shards to do). The parts of a killed run's partial shards
+    are removed: those shards are redone whole."""
+    dataset = latents.LatentDataset(output)
+    parts = dataset.parts()
+    done = {s for s, ranges in parts.items() if s < len(shards) and latents.covers(ranges, len(shards[s]))}
+    dataset.remove([p for s, ranges in parts.items() if s not in done for _, _, p in ranges])
+    return done, [s for s in range(len(shards)) if s not in done]
+
+
+def _run_pipeline(cfg: EncodeConfig, meta, shards, todo, total) -> dict:
+    """Run the Ray Data pipeline over the shards `todo`; returns images, rejects and bytes written
+    and the seconds it took."""
+    from tqdm import tqdm  # 0.1 s that `flowar --help` need not pay
+
+    ray = _init_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, Ray's blocks
+    ds = _pipeline(cfg, meta, ray, [shards[s] for s in todo], todo)
+    counts = {"images": 0, "rejects": 0, "bytes": 0}
+    start = time.time()  # after Ray's start: images/s measures the pipeline (actor start included)
+    with tqdm(total=total, unit="img", desc="encode", file=sys.stderr, dynamic_ncols=True) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in counts:
+                counts[k] += int(batch[k].sum())
+            bar.update(int(batch["images"].sum() + batch["rejects"].sum()))
+            bar.set_postfix(rejects=counts["rejects"], MB=round(counts["bytes"] / 2**20, 1))
+    return {**counts, "seconds": time.time() - start}
+
+
+def _pipeline(cfg: EncodeConfig, meta, ray, shards: list, ids: list[int]):
+    """shards (names only) -> decode tasks -> the LatentWriter actor pool -> one row per part."""
+    from pipelines.encode_writer import LatentWriter  # imports torch and the VAE
+
+    enc = cfg.encode
+    rows = [{"shard": s, "keys": [k for k, _, _ in shard], "labels": [y for _, y, _ in shard],
+             "refs": [r for _, _, r in shard]} for s, shard in zip(ids, shards)]
     gpus = enc.actor_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(decode_items, batch_size=1, num_cpus=1, batch_format="numpy",
                         fn_kwargs={"source": to_dict(cfg.source), "resolution": enc.resolution})
-    ds = ds.map_batches(LatentWriter, batch_size=enc.shard_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=enc.actors),
-                        num_cpus=enc.actor_cpus, num_gpus=gpus,
-                        fn_constructor_args=(to_dict(cfg), meta.to_json(), cfg.output))
-    images = rejects = nbytes = 0
-    start = time.time()  # after Ray's start: images/s measures the pipeline (actor start included)
-    with tqdm(total=total, unit="img", desc="encode", file=sys.stderr, dynamic_ncols=True) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            images += int(batch["images"].sum())
-            rejects += int(batch["rejects"].sum())
-            nbytes += int(batch["bytes"].sum())
-            bar.update(int(batch["images"].sum() + batch["rejects"].sum()))
-            bar.set_postfix(rejects=rejects, MB=round(nbytes / 2**20, 1))
-    return images, rejects, nbytes, time.time() - start
+    return ds.map_batches(LatentWriter, batch_size=enc.shard_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=enc.actors),
+                          num_cpus=enc.actor_cpus, num_gpus=gpus,
+                          fn_constructor_args=(to_dict(cfg), meta.to_json(), cfg.output))
 
 
-def main(args) -> int:
-    cfg = load_encode_config(args.config, args.overrides)
-    run_encode(cfg)
+def _cli(args) -> int:
+    run_encode(load_encode_config(args.config, args.overrides))
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "encode", help="encode images through a VAE into a latent pyramid dataset (Parquet)",
+    add_job_parser(
+        subparsers, "encode", run=_cli, load=lambda a: load_encode_config(a.config, a.overrides),
+        help="encode images through a VAE into a latent pyramid dataset (Parquet)",
         description="Encode an image source (class folders, Parquet/WebDataset shards, fashion-mnist) "
                     "through any diffusers VAE or the KL-16 checkpoint into Parquet latent moments, on "
                     "Ray Data. Re-running resumes: finished shards are kept.",
         epilog="example: flowar encode configs/encode-fashion-mnist.yaml source.limit=2000 "
-               "output=./data/fm-latents")
-    p.add_argument("config", help="YAML config (see configs/encode-*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. encode.actors=2")
-    p.set_defaults(func=main)
-    add_print_config(p, lambda a: load_encode_config(a.config, a.overrides))
+               "output=./data/fm-latents",
+        config_help="YAML config (see configs/encode-*.yaml)", overrides_example="encode.actors=2")

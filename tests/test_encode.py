@@ -123,13 +123,14 @@ def test_fashion_mnist_resume_after_kill(tmp_path, ray_local, tiny_vae):
     """A real kill: the job runs in another process (a Ray driver on the same cluster) and gets
     SIGKILL after some parts are written; the re-run keeps them and does the rest."""
     from pipelines.data.bundled import fashion_mnist_file
-    from pipelines.encode import HOLD_ENV, run_encode
+    from pipelines.encode import run_encode
+    from pipelines.encode_writer import HOLD_ENV
     from pipelines.data.latents import LatentDataset, TorchLatentDataset
     from pipelines.data.sources import read_idx
     out = tmp_path / "fm"
     overrides = ["source.kind=fashion-mnist", "source.limit=960", "encode.shard_size=40",
                  "encode.batch_size=20", "encode.flip=false"]
-    # The encoder actor holds after its 2nd part (pipelines.encode.HOLD_ENV), so exactly 2
+    # The encoder actor holds after its 2nd part (pipelines.encode_writer.HOLD_ENV), so exactly 2
     # parts are on disk when the kill lands, on an idle machine as on a loaded one.
     hold = {"env_vars": {HOLD_ENV: "2"}}
     script = (f"import ray, sys; sys.path.insert(0, {str(ROOT)!r}); "
@@ -166,7 +167,7 @@ def test_mismatches_and_unknown_keys_refused(tmp_path, tiny_vae):
     from flowar.config import ConfigError, FlowARConfig
     from pipelines.cli import main
     from pipelines.encode import _job_record, _prepare_output
-    from pipelines.data.latents import LatentDataset, LatentDatasetMeta, check_compatible
+    from pipelines.data.latents import LatentDatasetMeta, check_compatible
     meta = LatentDatasetMeta(latent_size=8, latent_channels=4, num_classes=10, vae={"id": "v", "sha256": "a"})
     ok = FlowARConfig(latent_channels=4, scales=(1, 2, 4, 8), num_classes=10)
     check_compatible(meta, ok)
