@@ -2,5 +2,7 @@
 
 core/ is what every job shares (configs, Ray start-up, storage, MLflow, progress, images); data/ the
 two dataset formats (image sources, latent pyramids); train/, evaluate/ and sweep/ are the jobs with
-several modules; encode, vae_train, sample, import_published, quickstart and submit are one module each.
+several modules; encode, vae_train, sample, import_published, quickstart and submit are one module
+each, with what runs inside Ray workers beside them (encode_writer, vae_train_loop) and submit's
+checks (submit_outputs, submit_upload). registry.py lists the jobs; cli.py is the command line.
 """

@@ -1,27 +1,19 @@
 """The `flowar` command line: one subcommand per job, all sharing the config system.
 
-Each job module exposes `register(subparsers)`, which adds its subcommand and sets `func`.
-Modules import their heavy dependencies (torch, ray, mlflow) inside functions, so `--help` is fast.
+The jobs are listed once, in pipelines/registry.py; `flowar submit` and `flowar jobs`
+(pipelines/submit.py) run them on a Ray cluster. Job modules import their heavy dependencies
+(torch, ray, mlflow) inside functions, so `--help` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# Order is the order of `flowar --help`, which is the order of the pipeline.
-JOB_MODULES = [
-    "pipelines.quickstart",  # flowar quickstart: the whole pipeline on the embedded default
-    "pipelines.vae_train",   # flowar vae train
-    "pipelines.encode",      # flowar encode
-    "pipelines.train.job",       # flowar train
-    "pipelines.import_published",  # flowar import: released FlowAR-S/L/H -> a model folder
-    "pipelines.sample",      # flowar sample
-    "pipelines.evaluate.job",    # flowar evaluate
-    "pipelines.sweep.job",       # flowar sweep
-    "pipelines.submit",      # flowar submit / flowar jobs
-]
+import yaml
+
+from flowar.config import ConfigError, to_dict
+from pipelines import registry, submit
 
 DESCRIPTION = """\
 flowar: train and evaluate FlowAR image generators on Ray.
@@ -35,17 +27,11 @@ key=value overrides (unknown keys are errors), e.g.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowar", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog=registry.PROG, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in JOB_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # job not built yet in this checkout
-                continue
-            raise
-        module.register(sub)
+    registry.add_jobs(sub)
+    submit.register(sub)  # flowar submit / flowar jobs
     return parser
 
 
@@ -62,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from flowar.config import ConfigError
     try:
         if getattr(args, "print_config", False):
-            import yaml
-
-            from flowar.config import to_dict
             print(yaml.safe_dump(to_dict(args.load_config(args)), sort_keys=False,
                                  default_flow_style=None), end="")
             return 0

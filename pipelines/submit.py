@@ -7,7 +7,8 @@ virtual environments). So `flowar submit train configs/x.yaml train.max_steps=50
 what `flowar train configs/x.yaml train.max_steps=500` runs here.
 
 Paths: a relative path means the uploaded working directory; outputs must outlive the job,
-so they are checked before the upload (pipelines/submit_outputs.py).
+so they are checked before the upload (pipelines/submit_outputs.py), as is the upload's size
+(pipelines/submit_upload.py).
 
 The cluster: `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the local recipe's
 dashboard http://127.0.0.1:8265 (also where `kubectl port-forward` puts a KubeRay head).
@@ -18,32 +19,18 @@ RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the same sources Ray itself reads.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.submit_outputs import (SubmitError, ask_cluster_settings, cluster_settings_for,
+from pipelines.registry import job_parser, subcommands
+from pipelines.submit_outputs import (Output, SubmitError, ask_cluster_settings, cluster_settings_for,
                                       job_outputs, refuse_relative_outputs)
+from pipelines.submit_upload import DEFAULT_EXCLUDES, MAX_UPLOAD_MIB, UploadPlan, check_upload, plan_upload
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Ray documents 100 MiB as the working_dir limit (GCS storage; https://docs.ray.io/en/latest/ray-core/handling-dependencies.html). Ray 2.60
-# raised its own cap, but KubeRay's GCS and older clusters still enforce 100 MiB, so we do too.
-MAX_UPLOAD_MIB = 100
-
-# Never shipped with a job (gitignore syntax, relative to the working dir; a leading / anchors a
-# pattern to the top, so a package such as flowar/data/ still ships). Large data belongs on
-# shared storage or an object store (pipelines/core/storage.py), not in the upload.
-DEFAULT_EXCLUDES = [
-    ".git/", ".venv/", "venv/", "env/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-    "/data/", "/datasets/", "/checkpoints/", "/ckpt/", "/outputs/", "/flowar-runs/", "/ray_results/",
-    "mlruns/", "mlartifacts/", "*.db", "*.sqlite", "/build/", "/dist/", "/wandb/", ".ipynb_checkpoints/",
-    "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.parquet",
-]
 
 # Local environment variables forwarded to the job when set here: offline switches and
 # regions, never credentials (the cluster should hold its own, e.g. IAM roles or Kubernetes
@@ -55,8 +42,6 @@ PASSTHROUGH_ENV = [
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
     "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "TOKENIZERS_PARALLELISM",
 ]
-
-NOT_JOBS = {"submit", "jobs"}  # subcommands that make no sense as a cluster job
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -109,66 +94,6 @@ def make_client(address: str | None = None):
         raise SubmitError(f"cannot reach the Ray cluster at {addr}: {e}{hint}") from None
 
 
-@dataclass
-class UploadPlan:
-    """What `working_dir` sends: the files Ray will zip, their size and the zip's size."""
-
-    working_dir: Path
-    excludes: list[str]
-    files: list[tuple[str, int]] = field(default_factory=list)
-    raw_bytes: int = 0
-    zip_bytes: int = 0
-    limit_mib: float = MAX_UPLOAD_MIB
-
-    def summary(self) -> str:
-        return (f"working dir {self.working_dir}: {len(self.files)} files, "
-                f"{self.raw_bytes / 2**20:.2f} MiB, {self.zip_bytes / 2**20:.2f} MiB zipped "
-                f"(limit {self.limit_mib:g} MiB)")
-
-    def largest(self, n: int = 8) -> list[tuple[str, int]]:
-        return sorted(self.files, key=lambda f: -f[1])[:n]
-
-
-def _include_gitignore() -> bool:
-    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
-    return os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
-
-
-def plan_upload(working_dir: Path, excludes: list[str]) -> UploadPlan:
-    """Walk and zip the working dir exactly as the Ray Jobs SDK will (same traversal, excludes,
-    .gitignore/.rayignore handling), so the size we check is the size Ray uploads."""
-    from ray._private.runtime_env import packaging
-
-    wd = working_dir.resolve()
-    plan = UploadPlan(wd, list(excludes))
-
-    def visit(p: Path):
-        if p.is_file():
-            size = p.stat().st_size
-            plan.files.append((str(p.relative_to(wd)), size))
-            plan.raw_bytes += size
-
-    quiet = logging.getLogger("flowar.submit.plan")  # Ray logs every .gitignore it reads at INFO
-    quiet.setLevel(logging.WARNING)
-    packaging._dir_travel(wd, [packaging._get_excludes(wd, plan.excludes)], visit,
-                          include_gitignore=_include_gitignore(), logger=quiet)
-    with tempfile.TemporaryDirectory(prefix="flowar-pkg-") as tmp:
-        target = Path(tmp) / "pkg.zip"
-        packaging._zip_files(str(wd), plan.excludes, str(target),
-                             include_gitignore=_include_gitignore(), logger=quiet)
-        plan.zip_bytes = target.stat().st_size
-    return plan
-
-
-def check_upload(plan: UploadPlan, max_mib: float = MAX_UPLOAD_MIB) -> None:
-    plan.limit_mib = max_mib
-    if plan.zip_bytes > max_mib * 2**20:
-        biggest = "\n".join(f"    {s / 2**20:8.2f} MiB  {name}" for name, s in plan.largest())
-        raise SubmitError(f"refusing to upload: {plan.summary()} exceeds {max_mib} MiB.\n"
-                          f"  Largest files:\n{biggest}\n  Add them to --exclude or .rayignore and "
-                          f"put data on shared storage or an object store (s3://, gs://).")
-
-
 def parse_env(items: list[str]) -> dict[str, str]:
     """--env KEY=VALUE sets a value; --env KEY forwards the local value (error if unset)."""
     env: dict[str, str] = {}
@@ -202,10 +127,8 @@ def build_runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str
 
 
 def job_names() -> list[str]:
-    from pipelines.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return [name for name in sub.choices if name not in NOT_JOBS]
+    """The subcommands a cluster job may run (every job; not submit or jobs themselves)."""
+    return subcommands(job_parser())
 
 
 def entrypoint_for(job: str, job_args: list[str], raw: bool = False) -> str:
@@ -232,7 +155,7 @@ def exit_code(info) -> int:
 
 def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0) -> int:
     """Stream the job's logs until it ends; return its exit status."""
-    import asyncio
+    import asyncio  # here, not at the top: 0.03 s that `flowar --help` need not pay
 
     from ray.job_submission import JobStatus
 
@@ -259,13 +182,17 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 1.0) -> int:
     return code
 
 
-def submit(job: str, job_args: list[str], *, address: str | None = None,
-           working_dir: str | os.PathLike | None = None, excludes: list[str] = (),
-           env: dict[str, str] | None = None, pip: list[str] = (), py_modules: list[str] = (),
-           num_cpus: float | None = None, num_gpus: float | None = None,
-           submission_id: str | None = None, wait: bool = True, raw: bool = False,
-           max_upload_mib: float = MAX_UPLOAD_MIB, out=sys.stdout) -> tuple[str, int]:
-    """Submit `flowar JOB job_args` to the cluster. Returns (job id, exit status; 0 if not waiting)."""
+def run_submit(job: str, job_args: list[str], *, address: str | None = None,
+               working_dir: str | os.PathLike | None = None, excludes: list[str] = (),
+               env: dict[str, str] | None = None, pip: list[str] = (), py_modules: list[str] = (),
+               num_cpus: float | None = None, num_gpus: float | None = None,
+               submission_id: str | None = None, wait: bool = True, raw: bool = False,
+               max_upload_mib: float = MAX_UPLOAD_MIB, out=sys.stdout) -> tuple[str, int]:
+    """Submit `flowar JOB job_args` to the cluster. Returns (job id, exit status; 0 if not waiting).
+
+    Everything that can be refused (unknown job, relative outputs, an upload over the limit) is
+    checked before the cluster is contacted; then the outputs left empty are pinned to the
+    cluster's FLOWAR_HOME / MLFLOW_TRACKING_URI, and the job is submitted."""
     wd = Path(working_dir).resolve() if working_dir else project_root()
     if not wd.is_dir():
         raise SubmitError(f"--working-dir {str(wd)!r} is not a directory")
@@ -273,18 +200,10 @@ def submit(job: str, job_args: list[str], *, address: str | None = None,
     outputs = [] if raw else job_outputs(job, list(job_args), wd)  # raw commands: not checked
     refuse_relative_outputs(job, outputs)
     all_excludes = DEFAULT_EXCLUDES + list(excludes)
-    plan = plan_upload(wd, all_excludes)
-    check_upload(plan, max_upload_mib)
-    if plan.zip_bytes > max_upload_mib * 2**20 / 2:
-        print(f"[flowar] warning: upload is over half the limit: {plan.summary()}", file=sys.stderr)
+    plan = _checked_upload(wd, all_excludes, max_upload_mib)
     client = make_client(address)
     env = dict(env or {})
-    pinned = cluster_settings_for(job, outputs, env, lambda: ask_cluster_settings(client))
-    if pinned:
-        defaulted = ", ".join(o.key for o in outputs if o.needs)
-        print(f"[flowar] outputs not given ({defaulted}) go under the cluster's "
-              + ", ".join(f"{k}={v}" for k, v in pinned.items()), file=sys.stderr)
-    env = {**env, **pinned}
+    env.update(_pinned_settings(client, job, outputs, env))
     runtime_env = build_runtime_env(wd, all_excludes, env, pip, py_modules)
     print(f"[flowar] cluster {resolve_address(address)}; uploading {plan.summary()}", file=sys.stderr)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
@@ -296,62 +215,98 @@ def submit(job: str, job_args: list[str], *, address: str | None = None,
     if not wait:
         print(f"[flowar] follow it with: flowar jobs logs {job_id} --follow", file=sys.stderr)
         return job_id, 0
+    return job_id, _follow_until_interrupted(client, job_id, out)
+
+
+def _checked_upload(wd: Path, excludes: list[str], max_mib: float) -> UploadPlan:
+    """The upload's plan, refused over `max_mib` and warned about over half of it."""
+    plan = plan_upload(wd, excludes)
+    check_upload(plan, max_mib)
+    if plan.zip_bytes > max_mib * 2**20 / 2:
+        print(f"[flowar] warning: upload is over half the limit: {plan.summary()}", file=sys.stderr)
+    return plan
+
+
+def _pinned_settings(client, job: str, outputs: list[Output], env: dict[str, str]) -> dict[str, str]:
+    """The cluster's FLOWAR_HOME / MLFLOW_TRACKING_URI that the outputs left empty go under,
+    for the job's env (pipelines/submit_outputs.py), said aloud when there are any."""
+    pinned = cluster_settings_for(job, outputs, env, lambda: ask_cluster_settings(client))
+    if pinned:
+        defaulted = ", ".join(o.key for o in outputs if o.needs)
+        print(f"[flowar] outputs not given ({defaulted}) go under the cluster's "
+              + ", ".join(f"{k}={v}" for k, v in pinned.items()), file=sys.stderr)
+    return pinned
+
+
+def _follow_until_interrupted(client, job_id: str, out) -> int:
+    """follow(), where Ctrl-C stops following but leaves the job running (exit status 130)."""
     try:
-        return job_id, follow(client, job_id, out)
+        return follow(client, job_id, out)
     except KeyboardInterrupt:
         print(f"\n[flowar] stopped following; the job keeps running. Stop it with: "
               f"flowar jobs stop {job_id}", file=sys.stderr)
-        return job_id, 130
+        return 130
 
 
 # ----------------------------------------------------------------------------- command line
 
-def _run_submit(args) -> int:
+def _cli_submit(args) -> int:
     job_args = list(args.job_args)
     if job_args[:1] == ["--"]:
         job_args = job_args[1:]
     try:
-        _, code = submit(args.job, job_args, address=args.address, working_dir=args.working_dir,
-                         excludes=args.exclude, env=parse_env(args.env), pip=args.pip,
-                         py_modules=args.py_module, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                         submission_id=args.submission_id, wait=not args.no_wait, raw=args.raw,
-                         max_upload_mib=args.max_upload_mib)
+        _, code = run_submit(args.job, job_args, address=args.address, working_dir=args.working_dir,
+                             excludes=args.exclude, env=parse_env(args.env), pip=args.pip,
+                             py_modules=args.py_module, num_cpus=args.num_cpus,
+                             num_gpus=args.num_gpus, submission_id=args.submission_id,
+                             wait=not args.no_wait, raw=args.raw,
+                             max_upload_mib=args.max_upload_mib)
     except SubmitError as e:
         print(f"flowar submit: {e}", file=sys.stderr)
         return 2
     return code
 
 
-def _run_jobs(args) -> int:
+def _cli_jobs(args) -> int:
     try:
         client = make_client(args.address)
     except SubmitError as e:
         print(f"flowar jobs: {e}", file=sys.stderr)
         return 2
     if args.action == "list":
-        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
-        print(f"{'JOB ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
-        for j in jobs:
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
-            print(f"{j.submission_id or j.job_id:<28} {j.status.value:<10} {started:<19} {j.entrypoint[:80]}")
-        return 0
+        return _list_jobs(client)
     if not args.job_id:
         print(f"flowar jobs {args.action}: give a JOB_ID (see `flowar jobs list`)", file=sys.stderr)
         return 2
-    if args.action == "status":
-        info = client.get_job_info(args.job_id)
-        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-        return exit_code(info) if info.status.is_terminal() else 0
-    if args.action == "logs":
-        if args.follow:
-            return follow(client, args.job_id)
-        sys.stdout.write(client.get_job_logs(args.job_id))
-        return 0
-    if args.action == "stop":
-        stopped = client.stop_job(args.job_id)
-        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
-        return 0
-    raise AssertionError(args.action)
+    return {"status": _job_status, "logs": _job_logs, "stop": _stop_job}[args.action](client, args)
+
+
+def _list_jobs(client) -> int:
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    print(f"{'JOB ID':<28} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
+        print(f"{j.submission_id or j.job_id:<28} {j.status.value:<10} {started:<19} {j.entrypoint[:80]}")
+    return 0
+
+
+def _job_status(client, args) -> int:
+    info = client.get_job_info(args.job_id)
+    print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    return exit_code(info) if info.status.is_terminal() else 0
+
+
+def _job_logs(client, args) -> int:
+    if args.follow:
+        return follow(client, args.job_id)
+    sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def _stop_job(client, args) -> int:
+    stopped = client.stop_job(args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
 
 
 SUBMIT_HELP = """\
@@ -405,7 +360,7 @@ def register(subparsers) -> None:
                    help=f"refuse uploads whose zip exceeds this (default {MAX_UPLOAD_MIB})")
     p.add_argument("job", help="flowar subcommand to run: encode, train, sweep, evaluate, ...")
     p.add_argument("job_args", nargs=argparse.REMAINDER, help="its arguments, as for a local run")
-    p.set_defaults(func=_run_submit)
+    p.set_defaults(func=_cli_submit)
 
     j = subparsers.add_parser("jobs", help="list, inspect, follow or stop Ray jobs",
                               description="Manage jobs on a Ray cluster (same address and token "
@@ -414,4 +369,4 @@ def register(subparsers) -> None:
     j.add_argument("action", choices=["list", "status", "logs", "stop"])
     j.add_argument("job_id", nargs="?", help="job id (for status, logs, stop)")
     j.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
-    j.set_defaults(func=_run_jobs)
+    j.set_defaults(func=_cli_jobs)

@@ -12,13 +12,27 @@ recipes in clusters/), taken from --env or asked of the cluster by a tiny job th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shlex
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import yaml
+
+from flowar.config import ConfigError
+from pipelines.core.config import apply_overrides, parse_overrides
+from pipelines.core.storage import is_uri
+from pipelines.encode import EncodeConfig
+from pipelines.evaluate.job import EvalConfig
+from pipelines.quickstart import QuickstartConfig
+from pipelines.registry import job_parser
+from pipelines.train.config import TrainJobConfig
+from pipelines.vae_train import VAETrainConfig
 
 # The cluster settings that job outputs left empty default to (pipelines/core/config.py): FLOWAR_HOME
 # for folders (ray_results, eval, the quickstart's home), MLFLOW_TRACKING_URI else
@@ -51,8 +65,6 @@ class Output:
 
 def lands_in_working_dir(kind: str, value: str) -> bool:
     """True when `value` is a relative place: on the cluster, inside the job's working dir."""
-    from pipelines.core.storage import is_uri
-
     if value.startswith("sqlite:///"):  # sqlite:///rel.db is relative, sqlite:////abs.db is not
         path = value[len("sqlite:///"):]
     elif value.startswith("file:"):
@@ -67,9 +79,7 @@ def lands_in_working_dir(kind: str, value: str) -> bool:
 
 def _parse_job_args(job: str, job_args: list[str]):
     """The job's arguments parsed by its own subcommand, as `flowar JOB args` would parse them."""
-    from pipelines.cli import build_parser
-
-    parser = build_parser()
+    parser = job_parser()
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -88,23 +98,15 @@ def _parse_job_args(job: str, job_args: list[str]):
 # into these classes' path fields without the job's own checks: those may need files that exist
 # only on the cluster (an input such as vae.spec=/mnt/cluster_storage/vae); the job checks them
 # when it runs.
-JOB_CONFIGS = {"train": "pipelines.train.job:TrainJobConfig", "encode": "pipelines.encode:EncodeConfig",
-               "vae": "pipelines.vae_train:VAETrainConfig", "evaluate": "pipelines.evaluate.job:EvalConfig",
-               "quickstart": "pipelines.quickstart:QuickstartConfig"}
+JOB_CONFIGS = {"train": TrainJobConfig, "encode": EncodeConfig, "vae": VAETrainConfig,
+               "evaluate": EvalConfig, "quickstart": QuickstartConfig}
 
 
 def _config_class(job: str):
-    import importlib
-
-    module, name = JOB_CONFIGS["train" if job == "sweep" else job].split(":")
-    return getattr(importlib.import_module(module), name)
+    return JOB_CONFIGS["train" if job == "sweep" else job]
 
 
 def _read_yaml(path: str | Path) -> dict:
-    import yaml
-
-    from flowar.config import ConfigError
-
     if not Path(path).is_file():
         raise ConfigError(f"config file {str(path)!r} is not in the working directory (submit "
                           f"reads it here to check the job's outputs)")
@@ -119,16 +121,11 @@ def _read_yaml(path: str | Path) -> dict:
 
 def _merged(path, overrides: list[str]) -> dict:
     """The config file (if any) with key=value overrides on top, as load_config merges them."""
-    from pipelines.core.config import apply_overrides, parse_overrides
-
     return apply_overrides(_read_yaml(path) if path else {}, parse_overrides(overrides))
 
 
 def _path_fields_in(cls, data: dict, prefix: str = ""):
     """(key, kind, value as given, metadata) of every path field of `cls`, read from `data`."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = data.get(f.name) if isinstance(data, dict) else None
@@ -159,8 +156,6 @@ def _config_path_fields(job: str, args) -> list:
 def job_outputs(job: str, job_args: list[str], working_dir: Path) -> list[Output]:
     """Every output of `flowar JOB job_args` as given, read in `working_dir` (the upload) as the
     job's driver will read it there. A config file that cannot be read is refused here."""
-    from flowar.config import ConfigError
-
     args = _parse_job_args(job, job_args)
     if job in OUTPUT_OPTIONS:
         return [Output("--" + dest.replace("_", "-"), "output", getattr(args, dest) or "")

@@ -39,7 +39,7 @@ def _write(path: Path, data: bytes | str = b"x") -> None:
 
 
 def test_upload_plan_leaves_out_git_venv_data_checkpoints_and_mlflow(tmp_path):
-    from pipelines.submit import DEFAULT_EXCLUDES, plan_upload
+    from pipelines.submit_upload import DEFAULT_EXCLUDES, plan_upload
 
     keep = ["pipelines/cli.py", "flowar/data/loader.py", "configs/train.yaml", "README.md"]
     drop = [".git/objects/pack/big.pack", ".venv/lib/torch.so", "data/fashion/train.bin",
@@ -56,7 +56,7 @@ def test_upload_plan_leaves_out_git_venv_data_checkpoints_and_mlflow(tmp_path):
 
 
 def test_this_repository_uploads_small():
-    from pipelines.submit import DEFAULT_EXCLUDES, plan_upload
+    from pipelines.submit_upload import DEFAULT_EXCLUDES, plan_upload
 
     plan = plan_upload(ROOT, DEFAULT_EXCLUDES)
     names = [n for n, _ in plan.files]
@@ -66,19 +66,19 @@ def test_this_repository_uploads_small():
 
 
 def test_oversized_upload_is_refused_before_contacting_a_cluster(tmp_path):
-    from pipelines.submit import SubmitError, submit
+    from pipelines.submit import SubmitError, run_submit
 
     _write(tmp_path / "pipelines" / "cli.py", "")
     _write(tmp_path / "weights.bin", os.urandom(3 * 2**20))  # incompressible
     with pytest.raises(SubmitError) as e:
-        submit("x", [], raw=True, working_dir=tmp_path, address="http://127.0.0.1:9",
-               max_upload_mib=2)
+        run_submit("x", [], raw=True, working_dir=tmp_path, address="http://127.0.0.1:9",
+                   max_upload_mib=2)
     msg = str(e.value)
     assert "refusing to upload" in msg and "weights.bin" in msg and "3.00 MiB" in msg
     assert "(limit 2 MiB)" in msg
     (tmp_path / "weights.bin").unlink()  # small enough now: the next failure is the address
     with pytest.raises(SubmitError, match="cannot reach the Ray cluster at http://127.0.0.1:9"):
-        submit("x", [], raw=True, working_dir=tmp_path, address="http://127.0.0.1:9")
+        run_submit("x", [], raw=True, working_dir=tmp_path, address="http://127.0.0.1:9")
 
 
 def test_address_token_env_and_entrypoint(tmp_path, monkeypatch):
@@ -155,7 +155,7 @@ def test_which_outputs_would_land_in_the_jobs_working_dir(kind, value, relative)
 def test_relative_outputs_are_refused_before_anything_is_uploaded():
     """Each relative output is named; inputs stay as given (relative = the uploaded working dir).
     The address is unreachable: a refusal here was decided without any cluster."""
-    from pipelines.submit import SubmitError, submit
+    from pipelines.submit import SubmitError, run_submit
 
     nowhere = "http://127.0.0.1:9"
     cases = {
@@ -169,7 +169,7 @@ def test_relative_outputs_are_refused_before_anything_is_uploaded():
     }
     for job, (args, named) in cases.items():
         with pytest.raises(SubmitError) as e:
-            submit(job, args, address=nowhere)
+            run_submit(job, args, address=nowhere)
         msg = str(e.value)
         assert f"refusing to submit `flowar {job}`" in msg and "absolute path" in msg, msg
         assert all(f"    {key}\n" in msg + "\n" for key in named), msg
@@ -179,16 +179,16 @@ def test_relative_outputs_are_refused_before_anything_is_uploaded():
     given = ["configs/train-tiny.yaml", "data.path=latents", "ray.storage_path=s3://bucket/ray",
              "mlflow.tracking_uri=http://mlflow:5000"]
     with pytest.raises(SubmitError, match="cannot reach the Ray cluster"):
-        submit("train", given, address=nowhere)
+        run_submit("train", given, address=nowhere)
 
 
 def test_config_that_cannot_be_read_here_is_refused():
-    from pipelines.submit import SubmitError, submit
+    from pipelines.submit import SubmitError, run_submit
 
     with pytest.raises(SubmitError, match="'configs/missing.yaml' is not in the working directory"):
-        submit("train", ["configs/missing.yaml"], address="http://127.0.0.1:9")
+        run_submit("train", ["configs/missing.yaml"], address="http://127.0.0.1:9")
     with pytest.raises(SubmitError, match="flowar train: unrecognized arguments: --bogus"):
-        submit("train", ["configs/train-tiny.yaml", "--bogus"], address="http://127.0.0.1:9")
+        run_submit("train", ["configs/train-tiny.yaml", "--bogus"], address="http://127.0.0.1:9")
 
 
 def _never_asked():
@@ -374,7 +374,7 @@ def test_the_cluster_tells_submit_where_outputs_go(cluster):
 def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_path):
     """Tasks land on the worker (the head has num-cpus 0); the job sees the uploaded working
     dir and the --env variables."""
-    from pipelines.submit import submit
+    from pipelines.submit import run_submit
 
     out = tmp_path / "result.txt"
     job = tmp_path / "job.py"  # the local cluster shares this filesystem
@@ -387,8 +387,8 @@ def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_p
         "{os.environ['FLOWAR_MARK']}\")\n"
         "print('JOB-MARKER done')\n")
     buf = io.StringIO()
-    job_id, code = submit("python", [str(job)], raw=True, env={"FLOWAR_MARK": "abc"},
-                          address=cluster["address"], out=buf)
+    job_id, code = run_submit("python", [str(job)], raw=True, env={"FLOWAR_MARK": "abc"},
+                              address=cluster["address"], out=buf)
     assert code == 0 and buf.getvalue().startswith(job_id) and "JOB-MARKER done" in buf.getvalue()
     assert out.read_text() == "False True abc"
 
@@ -397,11 +397,11 @@ def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_p
 def test_failing_flowar_job_reports_failure_and_exit_status(cluster):
     """A real flowar job that fails on the cluster (bad input): its message and exit status
     (the CLI's 2 for configuration errors) come back to the laptop."""
-    from pipelines.submit import submit
+    from pipelines.submit import run_submit
 
     buf = io.StringIO()
-    job_id, code = submit("train", ["configs/train-tiny.yaml", "data.path="], address=cluster["address"],
-                          out=buf)
+    job_id, code = run_submit("train", ["configs/train-tiny.yaml", "data.path="], address=cluster["address"],
+                              out=buf)
     assert code == 2, buf.getvalue()[-3000:]
     assert "data.path is empty" in buf.getvalue()
     from pipelines.submit import make_client
@@ -420,12 +420,12 @@ def _wait_for(client, job_id: str, done) -> str:
 def test_stop_a_running_job(cluster, capsys, tmp_path):
     """Stopped once it is running (it wrote its marker file), the job ends STOPPED, and
     `flowar jobs status` says so with exit status 130."""
-    from pipelines.submit import make_client, submit
+    from pipelines.submit import make_client, run_submit
 
     marker = tmp_path / "running"
     script = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(600)"
-    job_id, code = submit("python", ["-c", script], raw=True, wait=False,
-                          address=cluster["address"], out=io.StringIO())
+    job_id, code = run_submit("python", ["-c", script], raw=True, wait=False,
+                              address=cluster["address"], out=io.StringIO())
     client = make_client(cluster["address"])
     try:
         status = _wait_for(client, job_id, lambda _: marker.exists())
