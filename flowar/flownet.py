@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import FlowARConfig
 from .layers import (CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmbedder, geglu_mlp,
-                     maybe_checkpoint)
+                     maybe_checkpoint, modulate)
 
 PER_TOKEN_CONDITION = ("spatial_adaln", "cross_attention_adaln")
 # Injections that read the semantics at flow width through `semantics_proj`. cross_attention reads
@@ -44,8 +44,8 @@ class AdaLNBlock(nn.Module):
     def forward(self, x, cond, semantics, rope):
         gate1, gate2, scale1, scale2, shift1, shift2 = self.ada_lin(nn.functional.silu(cond)).chunk(6, -1)
         if self.attn is not None:
-            x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+            x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -66,9 +66,9 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x, cond, semantics, rope, t_emb):
         gate1, scale1, shift1 = self.ada_lin_attn(nn.functional.silu(t_emb)).chunk(3, -1)
         gate2, scale2, shift2 = self.ada_lin_mlp(nn.functional.silu(cond)).chunk(3, -1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         x = x + self.cross_attn(self.query_norm(x), self.semantics_norm(semantics), rope)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
@@ -80,7 +80,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, cond):
         shift, scale = self.ada_lin(cond).chunk(2, -1)  # published order: shift first
-        return self.linear(self.norm(x) * (1 + scale) + shift)
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class FlowNet(nn.Module):

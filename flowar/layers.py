@@ -37,6 +37,7 @@ def geglu_mlp(dim: int, hidden: int, drop: float = 0.0) -> nn.Module:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN's modulation of a normalised x (DiT's `modulate`), in every adaLN block."""
     return x * (1 + scale) + shift
 
 

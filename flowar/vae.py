@@ -273,7 +273,8 @@ def encode_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def normalise(z: torch.Tensor, info: VAEInfo) -> torch.Tensor:
-    """VAE latent -> model space: (z - shift) * scale."""
+    """VAE latent -> model space: (z - shift) * scale. `info`: a VAEInfo, or any record with its
+    shift_factor and scaling_factor (training reads them from the latent dataset's metadata)."""
     return (z - info.shift_factor) * info.scaling_factor
 
 

@@ -27,8 +27,10 @@ import datetime as _dt
 import json
 import re
 import subprocess
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 from flowar.config import ConfigError
 from pipelines.core import storage
@@ -87,7 +89,9 @@ def image_columns(image_sides, flip: bool) -> list[str]:
 
 def code_version() -> str:
     """`flowar <version>+g<commit>` when run from a git checkout, so a dataset names its maker."""
+    # here, not at the top: 0.03 s that `flowar --help` (which imports this module) need not pay
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         text = f"flowar {version('flowar')}"
     except PackageNotFoundError:
@@ -123,7 +127,6 @@ def tensor_array(array):
 
 def _write_atomic(fs, path: str, write) -> int:
     """write(tmp_path) then rename, so readers and resumes never see half a file; returns bytes."""
-    import uuid
     parent, name = path.rsplit("/", 1)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:8]}-{name}"
     write(tmp)
@@ -291,13 +294,17 @@ def check_compatible(meta: LatentDatasetMeta, model_config, vae: dict | None = N
 
 
 def sample_latents(mean, std, meta: LatentDatasetMeta, generator=None):
-    """A fresh posterior sample, normalised as the model sees it: (mean + std*eps - shift) * scale."""
+    """A fresh posterior sample, normalised as the model sees it: (mean + std*eps - shift) * scale
+    (flowar.vae.normalise, with the factors the dataset records; absent ones change nothing)."""
     import torch
+
+    from flowar.vae import normalise  # torch: not at the top, `flowar --help` imports this module
 
     mean, std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()
     eps = torch.randn(mean.shape, generator=generator, device=mean.device)
-    z = mean + std * eps
-    return (z - float(meta.vae.get("shift_factor", 0.0))) * float(meta.vae.get("scaling_factor", 1.0))
+    factors = SimpleNamespace(shift_factor=float(meta.vae.get("shift_factor", 0.0)),
+                              scaling_factor=float(meta.vae.get("scaling_factor", 1.0)))
+    return normalise(mean + std * eps, factors)
 
 
 class TorchLatentDataset:
