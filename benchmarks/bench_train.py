@@ -80,9 +80,9 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
 def encode_vs_cached(args) -> dict[str, float]:
     import torch
     from diffusers import AutoencoderKL
+    from timm.optim import param_groups_weight_decay
 
     from flowar import FlowAR
-    from flowar.optim import param_groups
 
     # One thread, like a Ray Train worker with 1 CPU (Ray sets OMP_NUM_THREADS=1): comparable
     # figures, and no OpenMP spin-waiting against other processes on a small machine.
@@ -92,7 +92,7 @@ def encode_vs_cached(args) -> dict[str, float]:
                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64],
                         layers_per_block=1, latent_channels=4).eval()
     model = FlowAR.from_preset(args.preset, latent_channels=4, scales=(1, 2, 4, 8), num_classes=10)
-    opt = torch.optim.AdamW(param_groups(model, 0.02), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.02), lr=1e-4, betas=(0.9, 0.95))
     images = torch.rand(args.batch, 3, 32, 32) * 2 - 1
     labels = torch.arange(args.batch) % 10
     with torch.no_grad():

@@ -1,9 +1,11 @@
-"""The published optimisation recipe in plain PyTorch: AdamW groups, LR rule and schedule, EMA, clipping.
+"""The published optimisation recipe in plain PyTorch: LR rule and schedule, EMA, clipping.
 
 FlowAR (docs/stack-facts.md, "The published training recipe") trains with AdamW (0.9, 0.95), weight decay 0.02 on every matrix
 (biases and 1-D norm weights are not decayed; embeddings and the flow net *are*), lr = base_lr x
 global_batch / 256, a linear warm-up from 0 followed by a cosine decay to a floor, an EMA of the
-weights at 0.9999 updated every step from step 0, and global-norm clipping at 3.0.
+weights at 0.9999 updated every step from step 0, and global-norm clipping at 3.0. The weight
+decay groups are timm's `timm.optim.param_groups_weight_decay`, whose rule is the published one
+(misc.add_weight_decay: 1-D tensors and biases skip decay).
 
 Nothing here knows about distribution: the same functions work on plain, DDP-wrapped and FSDP2
 (DTensor) parameters, which is what the Ray training loop needs.
@@ -17,26 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "scaled_lr", "lr_at", "EMA", "clip_grad_norm"]
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices (ndim >= 2) and undecayed vectors/scalars.
-
-    The rule is the published one (misc.add_weight_decay): 1-D tensors and biases skip decay.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim >= 2 and not name.endswith(".bias"):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+__all__ = ["scaled_lr", "lr_at", "EMA", "clip_grad_norm"]
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:

@@ -96,15 +96,23 @@ def losses(c, run_id) -> list[float]:
 # ------------------------------------------------------------------------------------ recipe units
 
 def test_weight_decay_applies_to_matrices_only():
+    """timm's groups (what the training loop uses) follow the published rule, misc.add_weight_decay:
+    every matrix decays (the class embedding and the flow net too), 1-D tensors and biases do not."""
+    from timm.optim import param_groups_weight_decay
+
     from flowar import FlowAR
-    from flowar.optim import param_groups
 
     model = FlowAR.from_preset("tiny", latent_channels=4, scales=(1, 2, 4), num_classes=10)
-    decay, no_decay = param_groups(model, 0.02)
+    no_decay, decay = param_groups_weight_decay(model, 0.02)
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
     assert any(p is model.ar.class_embed.weight for p in decay["params"])  # published: decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # exactly the published rule's split of the FlowAR model, parameter by parameter
+    rule = [p for name, p in model.named_parameters() if p.ndim >= 2 and not name.endswith(".bias")]
+    rest = [p for name, p in model.named_parameters() if p.ndim < 2 or name.endswith(".bias")]
+    assert [id(p) for p in decay["params"]] == [id(p) for p in rule]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in rest]
 
 
 def test_lr_rule_warmup_and_cosine_floor():

@@ -105,7 +105,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     from flowar import FlowAR
     from flowar.config import from_dict
-    from flowar.optim import EMA, clip_grad_norm, lr_at, param_groups, scaled_lr
+    from timm.optim import param_groups_weight_decay
+
+    from flowar.optim import EMA, clip_grad_norm, lr_at, scaled_lr
     from pipelines.core import tracking
     from pipelines.train.checkpointing import export_ema, full_ema_state, load_checkpoint, save_checkpoint
     from pipelines.data.latents import LatentDataset
@@ -138,7 +140,8 @@ def train_loop_per_worker(config: dict) -> None:
     step_fn = torch.compile(model) if tc.compile else model
     ema = EMA(inner, tc.ema_decay)
     peak_lr = scaled_lr(tc.base_lr, tc.global_batch_size)
-    optimizer = torch.optim.AdamW(param_groups(inner, tc.weight_decay), lr=peak_lr,
+    # The published groups (misc.add_weight_decay): matrices decay, 1-D tensors and biases do not.
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(inner, tc.weight_decay), lr=peak_lr,
                                   betas=tuple(tc.betas))
 
     meta = LatentDataset(job.data.path).meta
