@@ -11,20 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SampleGrid", "to_grid"]
+from pipelines.core.images import image_grid
 
-
-def to_grid(images: torch.Tensor, rows: int) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> one HxWx3 uint8 image, `rows` rows, 2-pixel gaps."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    b, c, h, w = images.shape
-    cols = (b + rows - 1) // rows
-    out = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, col = divmod(i, cols)
-        out[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = \
-            images[i].permute(1, 2, 0).numpy()
-    return out
+__all__ = ["SampleGrid"]
 
 
 def _latents_as_images(z: torch.Tensor, min_side: int = 32) -> torch.Tensor:
@@ -82,4 +71,4 @@ class SampleGrid:
             images = decode(vae_model, z, info)
         else:
             images = _latents_as_images(z)
-        return to_grid(images, rows=len(self.classes))
+        return image_grid(images, per_row=self.job.train.samples_per_class)
