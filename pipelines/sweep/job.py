@@ -35,7 +35,7 @@ __all__ = ["run_sweep", "register", "experiment_dir"]
 def run_sweep(job: SweepJob, *, resume: bool = False) -> dict:
     """Run (or resume) the sweep `job` (read and checked by `load_sweep`), write and log its
     summary; return the summary (pipelines.sweep.summary.summarise)."""
-    from pipelines.sweep import summary, trial
+    from pipelines.sweep import summary, trial  # Ray, matplotlib: not on `flowar --help`'s path
 
     exp_dir = experiment_dir(job)
     _check_resume(job, exp_dir, resume)
