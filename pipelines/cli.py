@@ -1,7 +1,7 @@
 """The `flowar` command line: one subcommand per job, all sharing the config system.
 
 The jobs are listed once, in pipelines/registry.py; `flowar submit` and `flowar jobs`
-(pipelines/submit.py) run them on a Ray cluster. Job modules import their heavy dependencies
+(pipelines/submit/job.py) run them on a Ray cluster. Job modules import their heavy dependencies
 (torch, ray, mlflow) inside functions, so `--help` is fast.
 """
 
@@ -13,7 +13,8 @@ import sys
 import yaml
 
 from flowar.config import ConfigError, to_dict
-from pipelines import registry, submit
+from pipelines import registry
+from pipelines.submit import job as submit
 
 DESCRIPTION = """\
 flowar: train and evaluate FlowAR image generators on Ray.

@@ -39,7 +39,7 @@ def _write(path: Path, data: bytes | str = b"x") -> None:
 
 
 def test_upload_plan_leaves_out_git_venv_data_checkpoints_and_mlflow(tmp_path):
-    from pipelines.submit_upload import DEFAULT_EXCLUDES, plan_upload
+    from pipelines.submit.upload import DEFAULT_EXCLUDES, plan_upload
 
     keep = ["pipelines/cli.py", "flowar/data/loader.py", "configs/train.yaml", "README.md"]
     drop = [".git/objects/pack/big.pack", ".venv/lib/torch.so", "data/fashion/train.bin",
@@ -56,17 +56,17 @@ def test_upload_plan_leaves_out_git_venv_data_checkpoints_and_mlflow(tmp_path):
 
 
 def test_this_repository_uploads_small():
-    from pipelines.submit_upload import DEFAULT_EXCLUDES, plan_upload
+    from pipelines.submit.upload import DEFAULT_EXCLUDES, plan_upload
 
     plan = plan_upload(ROOT, DEFAULT_EXCLUDES)
     names = [n for n, _ in plan.files]
-    assert "pipelines/submit.py" in names and "clusters/README.md" in names
+    assert "pipelines/submit/job.py" in names and "clusters/README.md" in names
     assert not any(n.startswith((".git/", ".venv/", "flowar-runs/")) for n in names)
     assert plan.zip_bytes < 5 * 2**20, plan.summary()  # far below the 100 MiB limit
 
 
 def test_oversized_upload_is_refused_before_contacting_a_cluster(tmp_path):
-    from pipelines.submit import SubmitError, run_submit
+    from pipelines.submit.job import SubmitError, run_submit
 
     _write(tmp_path / "pipelines" / "cli.py", "")
     _write(tmp_path / "weights.bin", os.urandom(3 * 2**20))  # incompressible
@@ -82,7 +82,7 @@ def test_oversized_upload_is_refused_before_contacting_a_cluster(tmp_path):
 
 
 def test_address_token_env_and_entrypoint(tmp_path, monkeypatch):
-    from pipelines import submit as s
+    from pipelines.submit import job as s
 
     for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
                 "RAY_AUTH_MODE"):
@@ -147,7 +147,7 @@ def test_cli_registers_submit_and_jobs():
     ("tracking_uri", "postgresql://u@db/mlflow", False), ("tracking_uri", "databricks", False),
 ])
 def test_which_outputs_would_land_in_the_jobs_working_dir(kind, value, relative):
-    from pipelines.submit_outputs import lands_in_working_dir
+    from pipelines.submit.outputs import lands_in_working_dir
 
     assert lands_in_working_dir(kind, value) is relative
 
@@ -155,7 +155,7 @@ def test_which_outputs_would_land_in_the_jobs_working_dir(kind, value, relative)
 def test_relative_outputs_are_refused_before_anything_is_uploaded():
     """Each relative output is named; inputs stay as given (relative = the uploaded working dir).
     The address is unreachable: a refusal here was decided without any cluster."""
-    from pipelines.submit import SubmitError, run_submit
+    from pipelines.submit.job import SubmitError, run_submit
 
     nowhere = "http://127.0.0.1:9"
     cases = {
@@ -183,7 +183,7 @@ def test_relative_outputs_are_refused_before_anything_is_uploaded():
 
 
 def test_config_that_cannot_be_read_here_is_refused():
-    from pipelines.submit import SubmitError, run_submit
+    from pipelines.submit.job import SubmitError, run_submit
 
     with pytest.raises(SubmitError, match="'configs/missing.yaml' is not in the working directory"):
         run_submit("train", ["configs/missing.yaml"], address="http://127.0.0.1:9")
@@ -200,7 +200,7 @@ def test_defaulted_outputs_need_the_clusters_settings():
     URI: MLFLOW_TRACKING_URI, else sqlite under FLOWAR_HOME). Unset or relative there: refused,
     naming the keys and the setting; set: pinned in the job's env. --env values win and spare
     asking the cluster; outputs that are given, or that a job never writes, need nothing."""
-    from pipelines.submit_outputs import SubmitError, cluster_settings_for, job_outputs
+    from pipelines.submit.outputs import SubmitError, cluster_settings_for, job_outputs
 
     train = job_outputs("train", ["configs/train-tiny.yaml", "data.path=/d"], ROOT)
     assert {o.key: o.needs for o in train if o.needs} == {
@@ -360,8 +360,8 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
 @pytest.mark.ray
 def test_the_cluster_tells_submit_where_outputs_go(cluster):
     """The settings probe reads what the recipe gave every node, and leaves no job behind."""
-    from pipelines.submit import make_client
-    from pipelines.submit_outputs import ask_cluster_settings
+    from pipelines.submit.job import make_client
+    from pipelines.submit.outputs import ask_cluster_settings
 
     client = make_client(cluster["address"])
     before = {j.submission_id for j in client.list_jobs()}
@@ -374,7 +374,7 @@ def test_the_cluster_tells_submit_where_outputs_go(cluster):
 def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_path):
     """Tasks land on the worker (the head has num-cpus 0); the job sees the uploaded working
     dir and the --env variables."""
-    from pipelines.submit import run_submit
+    from pipelines.submit.job import run_submit
 
     out = tmp_path / "result.txt"
     job = tmp_path / "job.py"  # the local cluster shares this filesystem
@@ -383,7 +383,7 @@ def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_p
         "ray.init()\n"
         "node = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())\n"
         "head = [n['NodeID'] for n in ray.nodes() if n['Resources'].get('CPU', 0) == 0]\n"
-        f"open({str(out)!r}, 'w').write(f\"{{node in head}} {{os.path.isfile('pipelines/submit.py')}} "
+        f"open({str(out)!r}, 'w').write(f\"{{node in head}} {{os.path.isfile('pipelines/submit/job.py')}} "
         "{os.environ['FLOWAR_MARK']}\")\n"
         "print('JOB-MARKER done')\n")
     buf = io.StringIO()
@@ -397,14 +397,14 @@ def test_raw_command_runs_on_a_worker_node_with_the_uploaded_code(cluster, tmp_p
 def test_failing_flowar_job_reports_failure_and_exit_status(cluster):
     """A real flowar job that fails on the cluster (bad input): its message and exit status
     (the CLI's 2 for configuration errors) come back to the laptop."""
-    from pipelines.submit import run_submit
+    from pipelines.submit.job import run_submit
 
     buf = io.StringIO()
     job_id, code = run_submit("train", ["configs/train-tiny.yaml", "data.path="], address=cluster["address"],
                               out=buf)
     assert code == 2, buf.getvalue()[-3000:]
     assert "data.path is empty" in buf.getvalue()
-    from pipelines.submit import make_client
+    from pipelines.submit.job import make_client
     info = make_client(cluster["address"]).get_job_info(job_id)
     assert info.status.value == "FAILED" and info.driver_exit_code == 2
 
@@ -420,7 +420,7 @@ def _wait_for(client, job_id: str, done) -> str:
 def test_stop_a_running_job(cluster, capsys, tmp_path):
     """Stopped once it is running (it wrote its marker file), the job ends STOPPED, and
     `flowar jobs status` says so with exit status 130."""
-    from pipelines.submit import make_client, run_submit
+    from pipelines.submit.job import make_client, run_submit
 
     marker = tmp_path / "running"
     script = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(600)"

@@ -12,7 +12,7 @@ in, and fills the defaults that depend on that directory or on $FLOWAR_HOME ($FL
 ./flowar-runs), so the config that reaches Ray workers, Tune trials and child runs means the same
 place on every process: a Ray worker's working directory is not the user's. URIs (s3://, ...)
 are kept as they are. `flowar submit` reads job configs with `paths_as_given()` instead: there a
-relative path means relative to the uploaded working directory (see pipelines/submit.py).
+relative path means relative to the uploaded working directory (see pipelines/submit/job.py).
 """
 
 from __future__ import annotations

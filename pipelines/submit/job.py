@@ -7,8 +7,8 @@ virtual environments). So `flowar submit train configs/x.yaml train.max_steps=50
 what `flowar train configs/x.yaml train.max_steps=500` runs here.
 
 Paths: a relative path means the uploaded working directory; outputs must outlive the job,
-so they are checked before the upload (pipelines/submit_outputs.py), as is the upload's size
-(pipelines/submit_upload.py).
+so they are checked before the upload (pipelines/submit/outputs.py), as is the upload's size
+(pipelines/submit/upload.py).
 
 The cluster: `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the local recipe's
 dashboard http://127.0.0.1:8265 (also where `kubectl port-forward` puts a KubeRay head).
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from pipelines.registry import job_parser, subcommands
-from pipelines.submit_outputs import (Output, SubmitError, ask_cluster_settings, cluster_settings_for,
+from pipelines.submit.outputs import (Output, SubmitError, ask_cluster_settings, cluster_settings_for,
                                       job_outputs, refuse_relative_outputs)
-from pipelines.submit_upload import DEFAULT_EXCLUDES, MAX_UPLOAD_MIB, UploadPlan, check_upload, plan_upload
+from pipelines.submit.upload import DEFAULT_EXCLUDES, MAX_UPLOAD_MIB, UploadPlan, check_upload, plan_upload
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -36,7 +36,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # regions, never credentials (the cluster should hold its own, e.g. IAM roles or Kubernetes
 # secrets), and not FLOWAR_HOME / MLFLOW_TRACKING_URI: those name places on this machine (or a
 # port-forward of it), while the job's defaults belong where the cluster keeps them (see
-# pipelines/submit_outputs.py); `--env FLOWAR_HOME` forwards the local value on purpose.
+# pipelines/submit/outputs.py); `--env FLOWAR_HOME` forwards the local value on purpose.
 PASSTHROUGH_ENV = [
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "MLFLOW_EXPERIMENT_NAME",
     "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -229,7 +229,7 @@ def _checked_upload(wd: Path, excludes: list[str], max_mib: float) -> UploadPlan
 
 def _pinned_settings(client, job: str, outputs: list[Output], env: dict[str, str]) -> dict[str, str]:
     """The cluster's FLOWAR_HOME / MLFLOW_TRACKING_URI that the outputs left empty go under,
-    for the job's env (pipelines/submit_outputs.py), said aloud when there are any."""
+    for the job's env (pipelines/submit/outputs.py), said aloud when there are any."""
     pinned = cluster_settings_for(job, outputs, env, lambda: ask_cluster_settings(client))
     if pinned:
         defaulted = ", ".join(o.key for o in outputs if o.needs)

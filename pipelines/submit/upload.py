@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.core.config import HOME_DEFAULT, RAY_RESULTS
-from pipelines.submit_outputs import SubmitError
+from pipelines.submit.outputs import SubmitError
 
 # Ray documents 100 MiB as the working_dir limit (GCS storage;
 # https://docs.ray.io/en/latest/ray-core/handling-dependencies.html). Ray 2.60 raised its own cap,
