@@ -49,7 +49,8 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
     from mlflow import MlflowClient
 
     from pipelines.data.latents import LatentDataset
-    from pipelines.train.job import load_train_config, run_training
+    from pipelines.train.config import load_train_config
+    from pipelines.train.job import run_train
 
     data = tmp / "latents"
     synthetic_latents(data, count=args.batch * 8)
@@ -67,7 +68,7 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
             "train.sample_every=0", "train.samples_per_class=1", "train.sample_classes=[0]",
             "sampler.num_steps=4", f"mlflow.tracking_uri={uri}", f"mlflow.run_name=bench-{workers}",
             f"ray.storage_path={tmp / 'ray'}", "train.max_failures=0"])
-        run_training(cfg, dataset=dataset)
+        run_train(cfg, dataset=dataset)
         c = MlflowClient(uri)
         run = c.search_runs([c.get_experiment_by_name("flowar").experiment_id],
                             filter_string=f"tags.`mlflow.runName` = 'bench-{workers}'")[0]

@@ -1,6 +1,6 @@
-"""One prepared script of GPU checks for the model library (flowar/ only: torch, einops, timm,
-safetensors), sized to finish in about 5 minutes on one H200 so a lent device's 15 minutes cover
-a run and a rerun.
+"""One prepared script of GPU checks for the model library (flowar/ and the training job's
+pipelines/train/parallelize.py: torch, einops, timm, safetensors), sized to finish in about
+5 minutes on one H200 so a lent device's 15 minutes cover a run and a rerun.
 
     python benchmarks/gpu_check.py --golden ../shared/golden --out gpu_check.md
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from flowar import FlowAR, SamplerConfig, load_published
+from pipelines.train.parallelize import apply_activation_checkpointing
 
 
 def sync(device: str) -> None:
@@ -137,7 +138,8 @@ def check_generate(presets: list[str], batch: int, steps: int, device: str) -> l
 
 
 def check_large(preset: str, batch: int, device: str) -> list[str]:
-    model = FlowAR.from_preset(preset, grad_checkpointing=True).to(device).train()
+    model = FlowAR.from_preset(preset).to(device).train()
+    apply_activation_checkpointing(model)  # model.grad_checkpointing of a training job
     x, y = batch_for(model, batch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.startswith("cuda"))
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import FlowARConfig
-from .layers import KVCache, RMSNorm, Rope2D, SelfAttention, geglu_mlp, maybe_checkpoint, modulate
+from .layers import KVCache, RMSNorm, Rope2D, SelfAttention, geglu_mlp, modulate
 from .pyramid import segments
 
 
@@ -65,13 +65,12 @@ class ScaleAR(nn.Module):
 
     def _run(self, x, cond, rope, mask, cache, start: int, end: int):
         x = self.input_norm(x + self.pos_embed[:, start:end])
-        ckpt = self.cfg.grad_checkpointing
         for i, blk in enumerate(self.first_half):
-            x = maybe_checkpoint(blk, ckpt, x, cond, rope, mask, cache=cache, layer=i)
+            x = blk(x, cond, rope, mask, cache=cache, layer=i)
         x = self.bridge(self.first_norm(x)) + self.second_pos_embed[:, start:end]
         offset = len(self.first_half)
         for i, blk in enumerate(self.second_half):
-            x = maybe_checkpoint(blk, ckpt, x, cond, rope, mask, cache=cache, layer=offset + i)
+            x = blk(x, cond, rope, mask, cache=cache, layer=offset + i)
         return self.second_norm(x) + self.semantics_pos_embed[:, start:end]
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,8 @@ class FlowARConfig:
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     loss_weighting: Literal["token_count", "equal"] = "token_count"
     diffusion_steps: int = 1000  # length of the DDPM schedule when objective == "diffusion"
-    grad_checkpointing: bool = False
+    # Gradient checkpointing is how a model is trained, not what it is: a training job's
+    # model.grad_checkpointing (pipelines/train/config.py), never part of a saved model's config.
 
     def __post_init__(self):
         """Every value and combination the model cannot be built or trained with, refused when
@@ -260,6 +261,19 @@ def _coerce(tp, value, key: str):
     return value
 
 
+# Keys that saved configs of earlier versions hold and that no longer configure the model:
+# exports written while gradient checkpointing was a model field say "grad_checkpointing".
+RETIRED_KEYS = ("grad_checkpointing",)
+
+
+def saved_model_config(data: dict | None, where: str = "model") -> FlowARConfig:
+    """The model section of a saved model's config.json: as strict as from_dict, except that
+    keys of earlier versions that no longer configure the model (RETIRED_KEYS) are ignored."""
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in RETIRED_KEYS}
+    return from_dict(FlowARConfig, data, where)
+
+
 def replace(cfg, **overrides):
     """`dataclasses.replace` that re-validates and reports unknown keys like from_dict."""
     data = to_dict(cfg)
@@ -279,7 +293,7 @@ PRESETS: dict[str, dict] = {
     "L": dict(ar_width=1024, ar_depth=16, ar_heads=16, flow_width=1024, flow_depth=12,
               injection="cross_attention_adaln"),
     "H": dict(ar_width=1536, ar_depth=30, ar_heads=16, flow_width=1536, flow_depth=12,
-              injection="cross_attention_adaln", grad_checkpointing=True),
+              injection="cross_attention_adaln"),
     # Debug sizes for CPU tests and the quickstart (torchtitan-style tiny models).
     "tiny": dict(ar_width=64, ar_depth=2, ar_heads=2, flow_width=64, flow_depth=1, flow_head_dim=32,
                  attn_dropout=0.0, proj_dropout=0.0),

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import FlowARConfig
 from .layers import (CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmbedder, geglu_mlp,
-                     maybe_checkpoint, modulate)
+                     modulate)
 
 PER_TOKEN_CONDITION = ("spatial_adaln", "cross_attention_adaln")
 # Injections that read the semantics at flow width through `semantics_proj`. cross_attention reads
@@ -128,10 +128,9 @@ class FlowNet(nn.Module):
         else:
             cond = t_emb
 
-        ckpt = self.cfg.grad_checkpointing
         for blk in self.blocks:
             if isinstance(blk, CrossAttentionBlock):
-                x = maybe_checkpoint(blk, ckpt, x, cond, semantics, rope, t_emb)
+                x = blk(x, cond, semantics, rope, t_emb)
             else:
-                x = maybe_checkpoint(blk, ckpt, x, cond, semantics, rope)
+                x = blk(x, cond, semantics, rope)
         return self.final_layer(x, cond)[:, :n]

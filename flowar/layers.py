@@ -9,7 +9,6 @@ floor(1000 t), and timm's SwiGLU with a GELU gate (a GEGLU), which is what the p
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -160,10 +159,3 @@ class TimestepEmbedder(nn.Module):
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
-
-def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs):
-    """Gradient checkpointing of one block when training with it switched on."""
-    if enabled and module.training and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-        return checkpoint(partial(module, **kwargs), *args, use_reentrant=False)
-    return module(*args, **kwargs)

@@ -17,7 +17,7 @@ from torch import nn
 from . import pyramid
 from .ar import ScaleAR
 from .config import (ConfigError, FlowARConfig, SamplerConfig, check_sampler_fits, from_dict,
-                     preset_config, to_dict)
+                     preset_config, saved_model_config, to_dict)
 from .flownet import FlowNet
 from .layers import KVCache
 from .objective import noisy_input_and_target, sample_time, scale_weights
@@ -214,7 +214,7 @@ class FlowAR(nn.Module):
             raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
         if meta.get("format") != FORMAT:
             raise ConfigError(f"{cfg_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-        model = cls(from_dict(FlowARConfig, meta.get("model"), "model"))
+        model = cls(saved_model_config(meta.get("model")))
         try:
             state = load_file(str(w_path), device=str(device))
         except (SafetensorError, OSError) as e:

@@ -133,8 +133,7 @@ def published_config(config: dict | str) -> FlowARConfig:
         flow_depth=get("diffloss_d", 3),
         injection="cross_attention_adaln" if get("cross", False) else "spatial_adaln",
         label_drop=get("label_drop_prob", 0.1), attn_dropout=get("attn_dropout", 0.1),
-        proj_dropout=get("proj_dropout", 0.1),
-        grad_checkpointing=bool(get("grad_checkpointing", False) or get("use_checkpoint", False)))
+        proj_dropout=get("proj_dropout", 0.1))
     return from_dict(FlowARConfig, data, "published")
 
 

@@ -6,6 +6,7 @@ import torch
 from flowar import FlowAR, SamplerConfig
 from flowar.config import INJECTIONS, ConfigError, preset_config
 from flowar.pyramid import image_scale_targets
+from pipelines.train.parallelize import apply_activation_checkpointing
 
 BASE = dict(latent_channels=4, scales=(1, 2, 4), num_classes=10)
 
@@ -21,7 +22,11 @@ SWITCHES = [dict(injection=i) for i in INJECTIONS] + [
 
 def build(**kw) -> FlowAR:
     torch.manual_seed(0)
-    return FlowAR.from_preset("tiny", **{**BASE, **kw})
+    checkpointed = kw.pop("grad_checkpointing", False)  # a training option, not the model's config
+    model = FlowAR.from_preset("tiny", **{**BASE, **kw})
+    if checkpointed:
+        apply_activation_checkpointing(model)
+    return model
 
 
 def batch(model, n=3):

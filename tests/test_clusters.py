@@ -282,7 +282,7 @@ def test_rayjob_runs_a_real_flowar_command_with_a_valid_config():
         config = Path(argv[2].replace(IMAGE_IN_DOCKERFILE, str(ROOT)))
         assert config.is_file(), f"{argv[2]} is not in the image (repository)"
         if argv[1] == "train":  # the overrides name real config keys (unknown keys are errors)
-            from pipelines.train.job import load_train_config
+            from pipelines.train.config import load_train_config
             cfg = load_train_config(config, argv[3:])
             assert cfg.ray.storage_path.startswith("/mnt/cluster_storage/")
         sub = spec["submitterPodTemplate"]["spec"]["containers"][0]

@@ -94,7 +94,7 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_refuses_at_config_read_print_config_and_run(case, tmp_path, home, capsys):
-    from pipelines.train.job import load_train_config
+    from pipelines.train.config import load_train_config
 
     overrides, keys = TRAIN_CASES[case]
     args = [f"data.path={tmp_path / 'latents'}", *overrides]
@@ -112,16 +112,17 @@ def test_train_refuses_at_config_read_print_config_and_run(case, tmp_path, home,
     ({"sampler.num_steps": 3}, ["sampler.num_steps=3"]),
     ({"model.ar_heads": 3}, ["model.ar_width", "model.ar_heads"]),
 ])
-def test_run_training_refuses_an_edited_config_before_mlflow_and_ray(edit, keys, tmp_path, home):
+def test_run_train_refuses_an_edited_config_before_mlflow_and_ray(edit, keys, tmp_path, home):
     """Callers that build a config and then change it (sweeps, notebooks) meet the same checks."""
-    from pipelines.train.job import load_train_config, run_training
+    from pipelines.train.config import load_train_config
+    from pipelines.train.job import run_train
 
     args = [f"data.path={tmp_path / 'latents'}"]
     cfg = load_train_config(TINY, args)  # valid
     for key, value in edit.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
-    message = refused(run_training, cfg)
+    message = refused(run_train, cfg)
     assert_names(message, keys)
     assert message == refused(load_train_config, TINY, args + [f"{k}={list(v) if isinstance(v, tuple) else v}"
                                                                for k, v in edit.items()])

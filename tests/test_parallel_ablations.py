@@ -3,8 +3,8 @@
 tests/test_ablations.py trains each switch unwrapped in one process, which cannot see what only a
 distributed wrapper checks: DDP (find_unused_parameters=False, as Ray Train's prepare_model uses)
 fails when a parameter gets no gradient, and FSDP2 silently leaves such a parameter's gradient None.
-Here each switch runs 2 optimizer steps through `pipelines.train.loop.LossModule` (and
-`shard_model` for FSDP2), as `flowar train` does, at world sizes 1 and 2. Each world size is one
+Here each switch runs 2 optimizer steps through `pipelines.train.parallelize.parallelize` (the
+LossModule under DDP or FSDP2), as `flowar train` does, at world sizes 1 and 2. Each world size is one
 spawned process group that loops over every (strategy, switch) case and writes its per-case
 results to a JSON file per rank; the tests below read those files, one test per case.
 """
@@ -42,6 +42,7 @@ CASES.update({
     "dropouts": dict(attn_dropout=0.2, proj_dropout=0.2, label_drop=0.3),
     "grad_checkpointing": dict(grad_checkpointing=True),
 })
+TRAINING_OPTIONS = ("grad_checkpointing",)  # how the model is trained: parallelize's, not FlowAR's
 
 
 # ------------------------------------------------------------------ inside the spawned workers
@@ -65,19 +66,16 @@ def _batch(config, rank: int, step: int):
 
 def _train_case(strategy: str, overrides: dict, rank: int, world: int) -> dict:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from flowar import FlowAR
-    from pipelines.train.loop import LossModule, shard_model
+    from pipelines.train.parallelize import parallelize
 
     torch.manual_seed(0)  # the same init on every rank, as pipelines/train/loop.py does
-    model = FlowAR.from_preset("tiny", **{**BASE, **overrides}).train()
-    wrapper = LossModule(model)
-    if strategy == "fsdp":
-        shard_model(wrapper, torch.device("cpu"), world, bf16=False)
-        step_fn = wrapper
-    else:
-        step_fn = DistributedDataParallel(wrapper)  # find_unused_parameters=False
+    training = {k: v for k, v in overrides.items() if k in TRAINING_OPTIONS}
+    model_overrides = {k: v for k, v in overrides.items() if k not in TRAINING_OPTIONS}
+    model = FlowAR.from_preset("tiny", **{**BASE, **model_overrides}).train()
+    # DDP with find_unused_parameters=False, or FSDP2 per block, as the training job wraps it
+    _, step_fn = parallelize(model, torch.device("cpu"), world, strategy=strategy, **training)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [_local(p).detach().clone() for p in model.parameters()]
     losses, no_grad, bad_grad = [], set(), set()

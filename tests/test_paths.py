@@ -20,7 +20,7 @@ def _jobs():
     from pipelines.encode import EncodeConfig
     from pipelines.evaluate.job import EvalConfig
     from pipelines.quickstart import QuickstartConfig
-    from pipelines.train.job import TrainJobConfig
+    from pipelines.train.config import TrainJobConfig
     from pipelines.vae_train import VAETrainConfig
 
     return {
@@ -76,7 +76,7 @@ def test_relative_paths_become_absolute_in_the_users_directory(user_dir, job, mo
 def test_defaults_land_under_flowar_home(user_dir, monkeypatch, home):
     """No tracking URI, no storage path: ./flowar-runs (or $FLOWAR_HOME) of the user's directory."""
     from pipelines.core.config import load_config
-    from pipelines.train.job import TrainJobConfig
+    from pipelines.train.config import TrainJobConfig
 
     if home:
         monkeypatch.setenv("FLOWAR_HOME", home)  # a relative FLOWAR_HOME is the user's directory's
@@ -109,7 +109,7 @@ def test_uris_hub_ids_and_named_sources_stay_as_given(user_dir, monkeypatch):
 def test_submit_reads_paths_as_given(user_dir):
     """flowar submit: relative paths are the job's business on the cluster (its working dir)."""
     from pipelines.core.config import load_config, paths_as_given
-    from pipelines.train.job import TrainJobConfig
+    from pipelines.train.config import TrainJobConfig
 
     with paths_as_given():
         cfg = load_config(TrainJobConfig, None, ["data.path=./lat"])

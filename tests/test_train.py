@@ -67,7 +67,7 @@ def dataset(tmp_path_factory):
 
 
 def job(dataset, tmp_path, mlflow_uri, *overrides):
-    from pipelines.train.job import load_train_config
+    from pipelines.train.config import load_train_config
 
     return load_train_config(TINY, [f"data.path={dataset}", f"mlflow.tracking_uri={mlflow_uri}",
                                     f"ray.storage_path={tmp_path / 'ray_results'}", *overrides])
@@ -113,6 +113,34 @@ def test_weight_decay_applies_to_matrices_only():
     rest = [p for name, p in model.named_parameters() if p.ndim < 2 or name.endswith(".bias")]
     assert [id(p) for p in decay["params"]] == [id(p) for p in rule]
     assert [id(p) for p in no_decay["params"]] == [id(p) for p in rest]
+
+
+def test_an_export_keeps_the_architecture_not_the_training_options(tmp_path):
+    """model.grad_checkpointing is how the model was trained: it checkpoints the blocks'
+    activations in training (pipelines/train/parallelize.py) and stays out of the export's
+    config.json, which loads with or without it (exports of earlier versions carry it)."""
+    from flowar import FlowAR
+    from pipelines.train.checkpointing import export_ema
+    from pipelines.train.config import load_train_config
+    from pipelines.train.parallelize import apply_activation_checkpointing
+
+    cfg = load_train_config(TINY, ["data.path=unused", "model.grad_checkpointing=true"])
+    assert cfg.model.grad_checkpointing and load_train_config(TINY, [
+        "data.path=unused", "preset=H"]).model.grad_checkpointing  # as the published H trains
+    model = FlowAR(cfg.model.architecture()).train()
+    assert apply_activation_checkpointing(model) == 3  # 2 AR blocks + 1 flow block
+    latents, labels = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    model.loss(latents, labels)[0].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    ema = {k: v.detach() for k, v in model.named_parameters()}
+    export = tmp_path / "export"
+    export_ema(cfg.model, ema, export, {"vae": {}})  # the job's model section, as it is
+    config = json.loads((export / "config.json").read_text())
+    assert "grad_checkpointing" not in config["model"]
+    assert FlowAR.from_pretrained(export).config == cfg.model.architecture()
+    config["model"]["grad_checkpointing"] = True  # an export written before it left the model
+    (export / "config.json").write_text(json.dumps(config))
+    assert FlowAR.from_pretrained(export).config == cfg.model.architecture()
 
 
 def test_lr_rule_warmup_and_cosine_floor():
@@ -231,7 +259,7 @@ def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_pat
     import yaml
 
     from pipelines.cli import main
-    from pipelines.train.job import load_train_config
+    from pipelines.train.config import load_train_config
 
     # A dataset without image-derived scales is refused as the run refuses it...
     refused = [str(TINY), f"data.path={dataset}", "model.scale_construction=image"]
@@ -253,35 +281,35 @@ def test_print_config_shows_every_resolved_key_and_runs_nothing(dataset, tmp_pat
 
 
 def test_sampler_settings_that_cannot_sample_are_refused_before_training(dataset, tmp_path, mlflow_uri):
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     with pytest.raises(ConfigError, match="sampler.num_steps"):
-        run_training(job(dataset, tmp_path, mlflow_uri, "sampler.num_steps=2"))
+        run_train(job(dataset, tmp_path, mlflow_uri, "sampler.num_steps=2"))
     with pytest.raises(ConfigError, match="sample_classes"):
-        run_training(job(dataset, tmp_path, mlflow_uri, "train.sample_classes=[3,12]"))
+        run_train(job(dataset, tmp_path, mlflow_uri, "train.sample_classes=[3,12]"))
     assert not (tmp_path / "ray_results").exists()
 
 
 def test_dataset_that_does_not_fit_the_model_is_refused_before_training(tmp_path, mlflow_uri):
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     with pytest.raises(ConfigError, match=r"scale_construction.*image_pyramid=\[1, 2\]"):
-        run_training(job(make_dataset(tmp_path / "img", count=8, image_scales=(1,)), tmp_path,
+        run_train(job(make_dataset(tmp_path / "img", count=8, image_scales=(1,)), tmp_path,
                          mlflow_uri, "model.scale_construction=image"))
 
     other = make_dataset(tmp_path / "eight", count=8, side=8)  # 8x8 latents, model ends at 4
     cfg = job(other, tmp_path, mlflow_uri)
     with pytest.raises(ConfigError, match="latent_size"):
-        run_training(cfg)
+        run_train(cfg)
     assert not (tmp_path / "ray_results").exists()  # nothing started
 
 
 def test_unreachable_mlflow_server_fails_at_start(dataset, tmp_path):
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     cfg = job(dataset, tmp_path, "http://127.0.0.1:9")  # discard port: connection refused
     with pytest.raises(ConfigError, match="unreachable"):
-        run_training(cfg)
+        run_train(cfg)
 
 
 # ------------------------------------------------------------------------------------ Ray Train
@@ -297,12 +325,12 @@ def ray_data(dataset, ray_local):
 @pytest.fixture(scope="module")
 def reference(dataset, ray_data, tmp_path_factory):
     """One uninterrupted DDP run (the baseline of the resume test)."""
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     tmp = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = job(dataset, tmp, uri, "mlflow.run_name=reference", "train.sample_every=20")
-    result = run_training(cfg, dataset=ray_data)
+    result = run_train(cfg, dataset=ray_data)
     return {"result": result, "uri": uri, "weights": final_weights(result), "cfg": cfg}
 
 
@@ -334,13 +362,13 @@ def test_ddp_trains_and_logs_params_metrics_samples_and_model(reference):
 
 def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
         reference, dataset, ray_data, tmp_path, mlflow_uri):
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=rerun", "train.max_failures=0")
     with pytest.raises(Exception, match="injected fault"):
-        run_training(cfg, dataset=ray_data,
+        run_train(cfg, dataset=ray_data,
                      fault={"step": 30, "mode": "raise", "marker": str(tmp_path / "m")})
-    result = run_training(cfg, dataset=ray_data)  # the same command again
+    result = run_train(cfg, dataset=ray_data)  # the same command again
     c, runs = mlflow_run(mlflow_uri, "rerun")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     resumed = [m.value for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
@@ -353,11 +381,13 @@ def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
 
 def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_count(
         dataset, ray_data, tmp_path, mlflow_uri):
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
-    cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp")
+    # With activation checkpointing, as the large presets train (preset H turns it on).
+    cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp",
+              "model.grad_checkpointing=true")
     marker = tmp_path / "killed-once"
-    result = run_training(cfg, dataset=ray_data,
+    result = run_train(cfg, dataset=ray_data,
                           fault={"step": 30, "mode": "kill", "marker": str(marker),
                                  "after_checkpoint": 20})
     assert marker.exists()  # a worker was SIGKILLed at step 30
@@ -372,20 +402,22 @@ def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_coun
     assert (Path(result.checkpoint.path) / ".metadata").is_file()  # a DCP checkpoint
     # The sharded checkpoint of 2 workers continues on 1 worker (DCP reshards on load).
     one = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp",
-              "train.num_workers=1", "train.max_steps=45")
-    result = run_training(one, dataset=ray_data)
+              "model.grad_checkpointing=true", "train.num_workers=1", "train.max_steps=45")
+    result = run_train(one, dataset=ray_data)
     assert result.metrics["step"] == 45 and math.isfinite(result.metrics["loss"])
     resumed = [m.value for m in c.get_metric_history(run_id, "resumed_from_step")]
     assert sorted(resumed) == [0, 20, 40]
+    exported = json.loads((Path(result.metrics["export_dir"]) / "config.json").read_text())
+    assert "grad_checkpointing" not in exported["model"]
 
 
 def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tmp_path, mlflow_uri):
-    from pipelines.train.job import TrainingDiverged, run_training
+    from pipelines.train.job import TrainingDiverged, run_train
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=nan", "train.base_lr=1e9",
               "train.warmup_steps=0", "train.grad_clip=0")
     with pytest.raises(TrainingDiverged, match=r"non-finite training at step \d+"):
-        run_training(cfg, dataset=ray_data)
+        run_train(cfg, dataset=ray_data)
     c, runs = mlflow_run(mlflow_uri, "nan")
     assert runs[0].info.status == "FAILED" and "lower train.base_lr" in runs[0].data.tags["stopped"]
     assert not list((tmp_path / "ray_results" / "nan").glob("checkpoint_*"))  # nothing saved after
@@ -395,12 +427,12 @@ def test_image_scale_construction_trains_through_ray_train(tmp_path, ray_local, 
     """Table 3's "image" pyramid end to end: the workers read the image-derived columns."""
     from flowar import FlowAR
     from pipelines.data.latents import LatentDataset
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     path = make_dataset(tmp_path / "img", count=32, image_scales=(1, 2))
     cfg = job(path, tmp_path, mlflow_uri, "mlflow.run_name=image", "model.scale_construction=image",
               "train.max_steps=10", "train.checkpoint_every=10")
-    result = run_training(cfg, dataset=LatentDataset(str(path)).ray_dataset().materialize())
+    result = run_train(cfg, dataset=LatentDataset(str(path)).ray_dataset().materialize())
     assert result.metrics["step"] == 10 and math.isfinite(result.metrics["loss"])
     c, runs = mlflow_run(mlflow_uri, "image")
     assert runs[0].data.params["model.scale_construction"] == "image"
@@ -417,13 +449,13 @@ def test_injections_without_semantics_proj_train_through_ray_train(
     """The two injections whose unused semantics projection crashed DDP in the Table 6 sweep
     (issue 13): 2 workers, a few steps, the model exported without that projection."""
     from flowar import FlowAR
-    from pipelines.train.job import run_training
+    from pipelines.train.job import run_train
 
     name = f"{strategy}-{injection}"
     cfg = job(dataset, tmp_path, mlflow_uri, f"mlflow.run_name={name}", f"train.strategy={strategy}",
               f"model.injection={injection}", "train.max_steps=4", "train.checkpoint_every=4",
               "train.log_every=2")
-    result = run_training(cfg, dataset=ray_data)
+    result = run_train(cfg, dataset=ray_data)
     assert result.metrics["step"] == 4 and math.isfinite(result.metrics["loss"])
     c, runs = mlflow_run(mlflow_uri, name)
     assert runs[0].info.status == "FINISHED"

@@ -16,18 +16,27 @@ is what makes a resumed run equal an uninterrupted one, at any restart point.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_state", "export_ema", "full_ema_state"]
+from flowar import FlowAR
+from flowar.config import FlowARConfig
+from pipelines.core.storage import is_uri, upload_dir
+from pipelines.train.config import TrainModelConfig
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_state", "export_ema", "full_ema_state",
+           "copy_dir"]
 
 STATE_FILE = "state.json"
 
 
-def _options(full: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
+def _options(full: bool) -> StateDictOptions:
     return StateDictOptions(full_state_dict=full, cpu_offload=full)
 
 
@@ -53,14 +62,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 def save_checkpoint(directory: str | Path, *, strategy: str, model, optimizer, ema, state: dict,
                     rank: int) -> None:
     """Collective for FSDP (every rank calls it); for DDP only rank 0 writes weights."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-
         msd, osd = get_state_dict(model, optimizer, options=_options(full=False))
         dcp.save({"model": msd, "optim": osd, "ema": ema.state_dict()}, checkpoint_id=str(directory))
     elif rank == 0:
@@ -81,9 +85,6 @@ def read_state(directory: str | Path) -> dict:
 
 def load_checkpoint(directory: str | Path, *, strategy: str, model, optimizer, ema) -> dict:
     """Restore model, optimizer and EMA in place (every rank calls it); returns state.json."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     directory = Path(directory)
     state = read_state(directory)
     if state.get("strategy") != strategy:
@@ -91,8 +92,6 @@ def load_checkpoint(directory: str | Path, *, strategy: str, model, optimizer, e
                          f"{state.get('strategy')}; this run uses {strategy}. Resume with the "
                          "same strategy (or start a new run name)")
     if strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-
         msd, osd = get_state_dict(model, optimizer, options=_options(full=False))
         target = {"model": msd, "optim": osd, "ema": ema.state_dict()}
         dcp.load(target, checkpoint_id=str(directory))  # reshards to this world size
@@ -120,16 +119,19 @@ def full_ema_state(ema) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_ema(model_cls, model_config, ema_full: dict[str, torch.Tensor], out_dir: str | Path,
+def export_ema(model_config: FlowARConfig, ema_full: dict[str, torch.Tensor], out_dir: str | Path,
                meta: dict, extra_state: dict[str, torch.Tensor] | None = None,
-               info: dict | None = None):
+               info: dict | None = None) -> FlowAR:
     """Write the EMA weights as a `FlowAR.from_pretrained` directory plus latents.json.
 
     latents.json is a copy of the dataset metadata, so later stages (sampling, evaluation) know
     which VAE and normalisation decode this model's latents. `extra_state`: the trained model's
     buffers (everything in its state dict that is not an EMA'd parameter); `info` goes into
-    config.json under "training"."""
-    model = model_cls(model_config)
+    config.json under "training". A training job's model section is exported as its
+    architecture alone: how it was trained (model.grad_checkpointing) is not the model's config."""
+    if isinstance(model_config, TrainModelConfig):
+        model_config = model_config.architecture()
+    model = FlowAR(model_config)
     state = model.state_dict()
     state.update(extra_state or {})
     missing = sorted(set(ema_full) - set(state))
@@ -141,3 +143,12 @@ def export_ema(model_cls, model_config, ema_full: dict[str, torch.Tensor], out_d
     model.save_pretrained(out_dir, extra={"training": info or {}})
     (out_dir / "latents.json").write_text(json.dumps(meta, indent=1, default=str))
     return model
+
+
+def copy_dir(local: str | Path, target: str) -> None:
+    """Copy a finished local folder to `target`, a local path or a storage URI."""
+    if is_uri(target):
+        upload_dir(local, target)
+        return
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(local, target, dirs_exist_ok=True)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipelines.data.latents import image_columns, moment_column
+from pipelines.data.latents import LatentDatasetMeta, image_columns, moment_column, sample_latents
 
-__all__ = ["seed_of", "owner_rank", "LatentShard", "load_shard"]
+__all__ = ["seed_of", "owner_rank", "LatentShard", "load_shard", "BatchSource"]
 
 
 def seed_of(*parts) -> int:
@@ -101,11 +101,8 @@ class BatchSource:
     Scale targets are None unless `image_scales` is given (model.scale_construction=image): then
     they are the maps of those scales sampled from their image-derived moments, plus the latent."""
 
-    def __init__(self, shard: LatentShard, meta, *, seed: int, rank: int, micro_batch: int,
-                 accum: int, flip_augment: bool, image_scales=()):
-        from pipelines.data.latents import sample_latents
-
-        self._sample = sample_latents
+    def __init__(self, shard: LatentShard, meta: LatentDatasetMeta, *, seed: int, rank: int,
+                 micro_batch: int, accum: int, flip_augment: bool, image_scales=()):
         self.shard, self.meta, self.seed, self.rank = shard, meta, seed, rank
         self.micro_batch, self.accum = micro_batch, accum
         self.flip = flip_augment and shard.mean_flip is not None
@@ -145,10 +142,12 @@ class BatchSource:
                 std = torch.where(pick, std_flip[rows], std)
             return mean, std
         s = self.shard
-        z = self._sample(*moments(s.mean, s.std, s.mean_flip, s.std_flip), self.meta, generator=g)
+        z = sample_latents(*moments(s.mean, s.std, s.mean_flip, s.std_flip), self.meta, generator=g)
         if not self.image_scales:
             return z, s.labels[rows], None
-        targets = [self._sample(*moments(*(s.image.get(moment_column(m, f, k)) for f in (False, True)
-                                           for m in ("mean", "std"))), self.meta, generator=g)
-                   for k in self.image_scales]  # columns in moments' order: mean, std, flipped
+        targets = []
+        for k in self.image_scales:  # in moments' order: mean, std, flipped mean, flipped std
+            columns = [s.image.get(moment_column(m, flip, k)) for flip in (False, True)
+                       for m in ("mean", "std")]
+            targets.append(sample_latents(*moments(*columns), self.meta, generator=g))
         return z, s.labels[rows], targets + [z]

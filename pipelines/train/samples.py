@@ -11,7 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flowar import FlowAR
+from flowar.vae import decode, load_vae
 from pipelines.core.images import image_grid
+from pipelines.data.latents import LatentDatasetMeta
+from pipelines.train.config import TrainJobConfig
 
 __all__ = ["SampleGrid"]
 
@@ -26,23 +30,21 @@ def _latents_as_images(z: torch.Tensor, min_side: int = 32) -> torch.Tensor:
 
 
 class SampleGrid:
-    def __init__(self, job, meta, meta_dict: dict, device: torch.device):
-        self.job, self.meta, self.meta_dict, self.device = job, meta, meta_dict, device
-        classes = list(job.train.sample_classes) or list(range(min(8, job.model.num_classes)))
-        bad = [c for c in classes if not 0 <= c < job.model.num_classes]
-        if bad:
-            raise ValueError(f"train.sample_classes {bad} outside [0, {job.model.num_classes})")
-        self.classes = classes
-        self.labels = torch.tensor(classes, device=device).repeat_interleave(job.train.samples_per_class)
+    """One row per class (train.sample_classes, else the first 8), train.samples_per_class
+    images a row. The classes were checked against the model when the job config was read."""
+
+    def __init__(self, job: TrainJobConfig, meta: LatentDatasetMeta, device: torch.device):
+        self.job, self.meta, self.device = job, meta, device
+        self.classes = list(job.train.sample_classes) or list(range(min(8, job.model.num_classes)))
+        self.labels = torch.tensor(self.classes, device=device).repeat_interleave(
+            job.train.samples_per_class)
         self._vae, self._vae_tried = None, False
 
     def _decoder(self):
         if not self._vae_tried:
             self._vae_tried = True
             try:
-                from flowar.vae import load_vae
-
-                spec = (self.meta_dict.get("vae") or {}).get("id")
+                spec = (self.meta.vae or {}).get("id")
                 self._vae = load_vae(spec, self.device) if spec else None
             except Exception as e:  # noqa: BLE001 - any failure means "show latents instead"
                 print(f"flowar train: sample grids show raw latents; the dataset's VAE did not "
@@ -52,9 +54,7 @@ class SampleGrid:
 
     @torch.no_grad()
     def render(self, ema_full: dict[str, torch.Tensor]) -> np.ndarray:
-        from flowar import FlowAR
-
-        model = FlowAR(self.job.model)
+        model = FlowAR(self.job.model.architecture())
         state = model.state_dict()
         state.update(ema_full)
         model.load_state_dict(state)
@@ -65,8 +65,6 @@ class SampleGrid:
                            guidance_high=s.guidance_high, sampler=s, generator=g)
         vae = self._decoder()
         if vae is not None:
-            from flowar.vae import decode
-
             vae_model, info = vae
             images = decode(vae_model, z, info)
         else:
