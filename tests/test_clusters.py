@@ -233,7 +233,7 @@ def test_shared_storage_and_mlflow_reachable_from_every_ray_pod():
                 host, port = re.fullmatch(r"http://([\w-]+):(\d+)", uri).groups()
                 assert int(port) in [p["port"] for p in services[host]["spec"]["ports"]], uri
                 # outputs a submitted job is not given land on the shared volume, not in the
-                # job's working dir (pipelines/submit.py reads this from a job driver)
+                # job's working dir (pipelines/submit/job.py reads this from a job driver)
                 assert env["FLOWAR_HOME"]["value"].startswith("/mnt/cluster_storage/"), name
                 assert env["RAY_AUTH_MODE"]["value"] == "token"
                 assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "flowar-ray-token"
@@ -269,7 +269,7 @@ def test_nothing_is_exposed_beyond_the_cluster():
 
 
 def test_rayjob_runs_a_real_flowar_command_with_a_valid_config():
-    from pipelines.submit import job_names
+    from pipelines.submit.job import job_names
 
     for job in by_kind("RayJob"):
         spec = job["spec"]
