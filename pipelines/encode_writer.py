@@ -28,7 +28,8 @@ class LatentWriter:
     """Actor: loads the VAE once, encodes batches of cropped images, writes them as parts."""
 
     def __init__(self, cfg: dict, meta_json: str, out: str):
-        self.cfg, self.out = cfg, out
+        self.cfg = cfg
+        self.dataset = latents.LatentDataset(out)  # resolved once per actor, not once per part
         self.meta = latents.LatentDatasetMeta.from_json(meta_json)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
@@ -97,6 +98,6 @@ class LatentWriter:
         rejects = [{"key": str(batch["key"][i]), "source": str(batch["ref"][i]),
                     "reason": str(batch["reason"][i])} for i in bad]
         s, a, b = int(batch["shard"][run[0]]), int(batch["index"][run[0]]), int(batch["index"][run[-1]]) + 1
-        nbytes = latents.LatentDataset(self.out).write_part(s, a, b, cols, rejects, self.meta)
+        nbytes = self.dataset.write_part(s, a, b, cols, rejects, self.meta)
         self._hold_if_asked()
         return s, a, b, len(ok), len(bad), nbytes
