@@ -23,7 +23,8 @@ TINY = ROOT / "configs" / "train-tiny.yaml"
 
 
 def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
-                 num_classes: int = 10, flip: bool = True, image_scales=(), std: float = 0.05) -> Path:
+                 num_classes: int = 10, flip: bool = True, image_scales=(), std: float = 0.05,
+                 parts: int = 2, dtype=np.float32) -> Path:
     """A finished latent dataset written with the encode job's own writer (pipelines.data.latents).
 
     Means are a per-class pattern plus a little noise, so the model has something to learn.
@@ -53,10 +54,14 @@ def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
                              scales=[side], count=count, num_classes=num_classes, flip=flip,
                              image_scales=list(image_scales))
     (path / "rejects").mkdir(parents=True)
-    half = count // 2  # two part files, like a real encode with two shards
-    for shard, (a, b) in enumerate([(0, half), (half, count)]):
+    if dtype != np.float32:
+        meta.dtype = np.dtype(dtype).name
+        columns = {k: v.astype(dtype) if getattr(v, "dtype", None) == np.float32 else v
+                   for k, v in columns.items()}
+    edges = np.linspace(0, count, parts + 1).astype(int)  # part files, like an encode's shards
+    for shard, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
         part = {k: v[a:b] for k, v in columns.items()}
-        LatentDataset(str(path)).write_part(shard, a, b, part, [], meta)
+        LatentDataset(str(path)).write_part(shard, int(a), int(b), part, [], meta)
     LatentDataset(str(path)).finalise(meta)
     return path
 
@@ -186,60 +191,6 @@ def test_non_finite_loss_gives_a_stop_message_naming_the_step():
     assert non_finite_message(torch.tensor([1.0, 0.5]), float("inf"), 3)
 
 
-def test_data_order_is_a_function_of_seed_epoch_step_and_rank(tmp_path):
-    from pipelines.data.latents import LatentDataset, TorchLatentDataset
-    from pipelines.train.data import BatchSource, load_shard
-
-    path = make_dataset(tmp_path / "d", count=32)
-    meta = LatentDataset(str(path)).meta
-    data = TorchLatentDataset(str(path))
-    whole = {"key": np.array(data.keys), "label": data.labels.numpy(),
-             **{k: v.numpy() for k, v in data.columns.items()}}
-    batches = [{k: v[:20] for k, v in whole.items()}, {k: v[20:] for k, v in whole.items()}]
-    shards = [load_shard(batches, r, 2) for r in range(2)]
-    assert sorted(shards[0].keys + shards[1].keys) == [f"img{i:05d}" for i in range(32)]
-    again = load_shard(list(reversed(batches)), 0, 2)  # arrival order does not matter
-    assert again.keys == shards[0].keys
-
-    def source(shard):
-        return BatchSource(shard, meta, seed=1, rank=0, micro_batch=4, accum=1, flip_augment=True)
-    a, b = source(shards[0]), source(again)
-    for step in (0, 1, a.steps_per_epoch + 1):
-        za, ya, ta = a.batch(step, 0)
-        zb, yb, _ = b.batch(step, 0)
-        torch.testing.assert_close(za, zb)
-        assert torch.equal(ya, yb) and ta is None
-    assert not torch.equal(a.batch(0, 0)[0], a.batch(a.steps_per_epoch, 0)[0])  # new epoch, new draw
-
-
-def test_image_scale_targets_come_from_their_columns_flipped_with_the_latent(tmp_path):
-    from pipelines.data.latents import LatentDataset, TorchLatentDataset
-    from pipelines.train.data import BatchSource, load_shard
-
-    path = make_dataset(tmp_path / "d", count=32, image_scales=(1, 2), std=0.0)
-    meta = LatentDataset(str(path)).meta
-    data = TorchLatentDataset(str(path))
-    whole = {"key": np.array(data.keys), "label": data.labels.numpy(),
-             **{k: v.numpy() for k, v in data.columns.items()}}
-    shard = load_shard([whole], 0, 1, image_scales=(1, 2))
-    source = BatchSource(shard, meta, seed=3, rank=0, micro_batch=8, accum=1, flip_augment=True,
-                         image_scales=(1, 2))
-    flipped = 0
-    for step in range(4):
-        z, _, targets = source.batch(step, 0)
-        assert [tuple(t.shape) for t in targets] == [(8, 4, 1, 1), (8, 4, 2, 2), (8, 4, 4, 4)]
-        assert targets[-1] is z
-        for k, t in zip((1, 2), targets):  # the image map of the same (maybe flipped) image
-            pooled = torch.nn.functional.avg_pool2d(z, 4 // k) + 1.0
-            torch.testing.assert_close(t, pooled)
-        rows = [int(np.flatnonzero((data.columns["mean"].numpy() == z[i].numpy()).all(axis=(1, 2, 3)))
-                    .size == 0) for i in range(len(z))]
-        flipped += sum(rows)
-    assert 0 < flipped < 32  # both orientations were drawn
-    with pytest.raises(ValueError, match=r"mean_img4"):
-        load_shard([whole], 0, 1, image_scales=(1, 4))
-
-
 # ------------------------------------------------------------------------------------ no Ray needed
 
 def test_unknown_config_key_is_refused(dataset, capsys):
@@ -315,22 +266,14 @@ def test_unreachable_mlflow_server_fails_at_start(dataset, tmp_path):
 # ------------------------------------------------------------------------------------ Ray Train
 
 @pytest.fixture(scope="module")
-def ray_data(dataset, ray_local):
-    """Read once for every run of this module (each Ray Data read costs ~20 s of task start-up)."""
-    from pipelines.data.latents import LatentDataset
-
-    return LatentDataset(str(dataset)).ray_dataset().materialize()
-
-
-@pytest.fixture(scope="module")
-def reference(dataset, ray_data, tmp_path_factory):
+def reference(dataset, ray_local, tmp_path_factory):
     """One uninterrupted DDP run (the baseline of the resume test)."""
     from pipelines.train.job import run_train
 
     tmp = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = job(dataset, tmp, uri, "mlflow.run_name=reference", "train.sample_every=20")
-    result = run_train(cfg, dataset=ray_data)
+    result = run_train(cfg)
     return {"result": result, "uri": uri, "weights": final_weights(result), "cfg": cfg}
 
 
@@ -361,14 +304,14 @@ def test_ddp_trains_and_logs_params_metrics_samples_and_model(reference):
 
 
 def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
-        reference, dataset, ray_data, tmp_path, mlflow_uri):
+        reference, dataset, ray_local, tmp_path, mlflow_uri):
     from pipelines.train.job import run_train
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=rerun", "train.max_failures=0")
     with pytest.raises(Exception, match="injected fault"):
-        run_train(cfg, dataset=ray_data,
+        run_train(cfg,
                      fault={"step": 30, "mode": "raise", "marker": str(tmp_path / "m")})
-    result = run_train(cfg, dataset=ray_data)  # the same command again
+    result = run_train(cfg)  # the same command again
     c, runs = mlflow_run(mlflow_uri, "rerun")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     resumed = [m.value for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
@@ -380,14 +323,14 @@ def test_rerunning_the_same_command_resumes_to_the_uninterrupted_weights(
 
 
 def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_count(
-        dataset, ray_data, tmp_path, mlflow_uri):
+        dataset, ray_local, tmp_path, mlflow_uri):
     from pipelines.train.job import run_train
 
     # With activation checkpointing, as the large presets train (preset H turns it on).
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp",
               "model.grad_checkpointing=true")
     marker = tmp_path / "killed-once"
-    result = run_train(cfg, dataset=ray_data,
+    result = run_train(cfg,
                           fault={"step": 30, "mode": "kill", "marker": str(marker),
                                  "after_checkpoint": 20})
     assert marker.exists()  # a worker was SIGKILLed at step 30
@@ -403,7 +346,7 @@ def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_coun
     # The sharded checkpoint of 2 workers continues on 1 worker (DCP reshards on load).
     one = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=fsdp", "train.strategy=fsdp",
               "model.grad_checkpointing=true", "train.num_workers=1", "train.max_steps=45")
-    result = run_train(one, dataset=ray_data)
+    result = run_train(one)
     assert result.metrics["step"] == 45 and math.isfinite(result.metrics["loss"])
     resumed = [m.value for m in c.get_metric_history(run_id, "resumed_from_step")]
     assert sorted(resumed) == [0, 20, 40]
@@ -411,13 +354,13 @@ def test_fsdp_trains_survives_a_killed_worker_and_resumes_at_another_worker_coun
     assert "grad_checkpointing" not in exported["model"]
 
 
-def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tmp_path, mlflow_uri):
+def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_local, tmp_path, mlflow_uri):
     from pipelines.train.job import TrainingDiverged, run_train
 
     cfg = job(dataset, tmp_path, mlflow_uri, "mlflow.run_name=nan", "train.base_lr=1e9",
               "train.warmup_steps=0", "train.grad_clip=0")
     with pytest.raises(TrainingDiverged, match=r"non-finite training at step \d+"):
-        run_train(cfg, dataset=ray_data)
+        run_train(cfg)
     c, runs = mlflow_run(mlflow_uri, "nan")
     assert runs[0].info.status == "FAILED" and "lower train.base_lr" in runs[0].data.tags["stopped"]
     assert not list((tmp_path / "ray_results" / "nan").glob("checkpoint_*"))  # nothing saved after
@@ -426,13 +369,12 @@ def test_diverging_loss_stops_the_run_with_a_clear_message(dataset, ray_data, tm
 def test_image_scale_construction_trains_through_ray_train(tmp_path, ray_local, mlflow_uri):
     """Table 3's "image" pyramid end to end: the workers read the image-derived columns."""
     from flowar import FlowAR
-    from pipelines.data.latents import LatentDataset
     from pipelines.train.job import run_train
 
     path = make_dataset(tmp_path / "img", count=32, image_scales=(1, 2))
     cfg = job(path, tmp_path, mlflow_uri, "mlflow.run_name=image", "model.scale_construction=image",
               "train.max_steps=10", "train.checkpoint_every=10")
-    result = run_train(cfg, dataset=LatentDataset(str(path)).ray_dataset().materialize())
+    result = run_train(cfg)
     assert result.metrics["step"] == 10 and math.isfinite(result.metrics["loss"])
     c, runs = mlflow_run(mlflow_uri, "image")
     assert runs[0].data.params["model.scale_construction"] == "image"
@@ -445,7 +387,7 @@ def test_image_scale_construction_trains_through_ray_train(tmp_path, ray_local, 
 @pytest.mark.parametrize("strategy,injection", [("ddp", "cross_attention"),
                                                 ("fsdp", "channel_concat")])
 def test_injections_without_semantics_proj_train_through_ray_train(
-        strategy, injection, dataset, ray_data, tmp_path, mlflow_uri):
+        strategy, injection, dataset, ray_local, tmp_path, mlflow_uri):
     """The two injections whose unused semantics projection crashed DDP in the Table 6 sweep
     (issue 13): 2 workers, a few steps, the model exported without that projection."""
     from flowar import FlowAR
@@ -455,7 +397,7 @@ def test_injections_without_semantics_proj_train_through_ray_train(
     cfg = job(dataset, tmp_path, mlflow_uri, f"mlflow.run_name={name}", f"train.strategy={strategy}",
               f"model.injection={injection}", "train.max_steps=4", "train.checkpoint_every=4",
               "train.log_every=2")
-    result = run_train(cfg, dataset=ray_data)
+    result = run_train(cfg)
     assert result.metrics["step"] == 4 and math.isfinite(result.metrics["loss"])
     c, runs = mlflow_run(mlflow_uri, name)
     assert runs[0].info.status == "FINISHED"
@@ -464,3 +406,50 @@ def test_injections_without_semantics_proj_train_through_ray_train(
     assert all(math.isfinite(v) for v in losses(c, runs[0].info.run_id))
     model = FlowAR.from_pretrained(result.metrics["export_dir"])
     assert model.config.injection == injection and model.flow.semantics_proj is None
+
+
+def read_data_log(directory: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(directory.glob("*.jsonl")) for line in f.open()]
+
+
+def test_a_killed_worker_rereads_little_and_a_resume_at_one_worker_finishes_the_epoch(
+        tmp_path, ray_local, mlflow_uri):
+    """Streaming input under failure and elastic resume (issue 15), DDP on 2 workers.
+
+    1024 latents in 32 files, windows of 16 rows: an epoch is 64 steps of 16. A worker is killed
+    at step 9 and the group restarts from the step-6 checkpoint; the run stops at step 12; the
+    same run resumed on 1 worker finishes the epoch. Every replayed micro-batch equals what the
+    killed attempt drew, every key of the epoch is trained on exactly once, and the restarted
+    workers read a few row groups, not the dataset."""
+    from pipelines.train.job import run_train
+
+    path = make_dataset(tmp_path / "big", count=1024, parts=32)
+    log = tmp_path / "data-log"
+    log.mkdir()
+    common = ["mlflow.run_name=elastic", "data.shuffle_buffer=16", "train.checkpoint_every=6",
+              "train.log_every=3", "train.max_failures=1"]
+    two = job(path, tmp_path, mlflow_uri, *common, "train.max_steps=12")
+    run_train(two, fault={"step": 9, "mode": "kill", "marker": str(tmp_path / "killed"),
+                          "after_checkpoint": 6, "data_log": str(log)})
+    assert (tmp_path / "killed").exists()
+    one = job(path, tmp_path, mlflow_uri, *common, "train.num_workers=1", "train.max_steps=64")
+    result = run_train(one, fault={"data_log": str(log)})
+    assert result.metrics["step"] == 64
+
+    records = read_data_log(log)
+    batches: dict[tuple, list] = {}
+    for r in (r for r in records if "keys" in r):
+        where = (r["step"], r["world"], r["rank"], r["micro"])
+        assert batches.setdefault(where, r["keys"]) == r["keys"], where  # a replay is the same
+    trained = [k for keys in batches.values() for k in keys]
+    assert len(trained) == 64 * 16 and len(set(trained)) == 1024  # every key once, none twice
+    assert {s for s, world, _, _ in batches if world == 1} == set(range(12, 64))
+
+    first_step: dict[int, int] = {}
+    for r in (r for r in records if "keys" in r):
+        first_step[r["pid"]] = min(first_step.get(r["pid"], r["step"]), r["step"])
+    restarted = {pid for pid, s in first_step.items() if s == 6}
+    assert len(restarted) == 2, first_step
+    reread = [sum(r["rows"] for r in records if r.get("pid") == pid and "read" in r)
+              for pid in restarted]
+    assert all(0 < rows <= 256 for rows in reread), reread  # of 1024: its few windows

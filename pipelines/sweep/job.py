@@ -26,7 +26,6 @@ from pipelines.core import tracking
 from pipelines.core.config import add_job_parser
 from pipelines.core.ray_runtime import init_ray
 from pipelines.core.storage import is_uri
-from pipelines.data.latents import LatentDataset
 from pipelines.sweep.config import SweepJob, load_sweep
 
 __all__ = ["run_sweep", "register", "experiment_dir"]
@@ -43,7 +42,7 @@ def run_sweep(job: SweepJob, *, resume: bool = False) -> dict:
     print(f"flowar sweep: {'resuming' if resume else 'starting'} sweep {job.sweep.name!r} "
           f"({len(job.axes)} axes; MLflow parent run {parent_id}; Tune dir {exp_dir})")
     _start_ray(job)
-    trainable = trial.trainable(job, parent_id, f"{exp_dir}/train", _shared_dataset(job))
+    trainable = trial.trainable(job, parent_id, f"{exp_dir}/train")
     children = trial.ChildRuns(uri, job.base.mlflow.experiment, job.sweep.name)
     if resume:
         tuner = _restored_tuner(exp_dir, trainable)  # with the callback the experiment saved
@@ -101,14 +100,6 @@ def _start_ray(job: SweepJob) -> None:
     # 2 s, so a killed driver loses little.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-
-
-def _shared_dataset(job: SweepJob):
-    """The latent dataset read once here and shared by every trial, unless an axis sets
-    data.path: reading even a small one costs Ray Data tens of seconds per trial."""
-    if "data.path" in job.sweep.search:
-        return None
-    return LatentDataset(job.base.data.path).ray_dataset().materialize()
 
 
 def _new_tuner(job: SweepJob, trainable, callback):

@@ -56,13 +56,12 @@ class TrialContext:
     bases: dict  # the resolved base configs (pipelines.sweep.config.resolved_bases)
     parent_run_id: str  # the sweep's MLflow run
     trials_dir: str  # Ray Train's storage for the trials' training runs
-    dataset: object = None  # the latent dataset, read once by the driver; None when an axis sets it
 
 
-def trainable(job: SweepJob, parent_run_id: str, trials_dir: str, dataset=None):
+def trainable(job: SweepJob, parent_run_id: str, trials_dir: str):
     """`run_trial` as Tune runs it: with the sweep's context and the trial process's CPU share
     (its Ray Train workers reserve their own resources)."""
-    ctx = TrialContext(job.sweep, job.bases, parent_run_id, trials_dir, dataset)
+    ctx = TrialContext(job.sweep, job.bases, parent_run_id, trials_dir)
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                {"cpu": job.sweep.resources.trial_cpus})
 
@@ -107,14 +106,12 @@ def _start_child_run(cfg, ctx: TrialContext, trial_id: str, params: dict):
 
 def _training_options(ctx: TrialContext) -> dict:
     """The training job's keyword arguments inside a trial: Tune's report callback (so ASHA sees
-    each checkpoint's report), the sweep's resources per worker, the driver's dataset."""
+    each checkpoint's report) and the sweep's resources per worker. Each trial's workers stream
+    the dataset themselves (pipelines/train/data.py)."""
     resources = {"CPU": ctx.sweep.resources.cpus_per_worker}
     if ctx.sweep.resources.gpus_per_worker:
         resources["GPU"] = ctx.sweep.resources.gpus_per_worker
-    options = {"callbacks": [TuneReportCallback()], "resources_per_worker": resources}
-    if ctx.dataset is not None:
-        options["dataset"] = ctx.dataset
-    return options
+    return {"callbacks": [TuneReportCallback()], "resources_per_worker": resources}
 
 
 # ----------------------------------------------------- a trial's status and child run (the driver)

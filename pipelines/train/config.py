@@ -34,8 +34,20 @@ TRAINING_PRESETS: dict[str, dict] = {"H": {"grad_checkpointing": True}}
 
 @dataclass
 class DataConfig:
+    """How workers stream the latent dataset (pipelines/data/stream.py): the epoch's row groups
+    in a seeded order, cut into `partitions`, each read in shuffled windows of `shuffle_buffer`
+    rows. A worker holds about two windows per partition it reads, whatever the dataset's size."""
     path: str = path_field("input")  # a latent pyramid dataset written by `flowar encode` (path or URI)
     flip_augment: bool = True  # use the stored horizontally flipped latents half of the time
+    shuffle_buffer: int = 8192  # rows per shuffled window: more mixes better, costs memory
+    # Parts of each epoch's stream, fixed for a run (a resume keeps its checkpoint's); every step
+    # takes global_batch_size / partitions rows of each. 0: train.num_workers at the first start.
+    partitions: int = 0
+
+    def __post_init__(self):
+        if self.shuffle_buffer < 1 or self.partitions < 0:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be at least 1 and "
+                              f"data.partitions={self.partitions} not negative")
 
 
 @dataclass
@@ -131,6 +143,10 @@ def check_job(cfg: TrainJobConfig) -> None:
     train.max_failures times by Ray). The sampler's own impossible time grids are SamplerConfig's."""
     model, sampler, train = cfg.model, cfg.sampler, cfg.train
     check_sampler_fits(model.objective, sampler)  # the same refusal as FlowAR.generate's
+    if cfg.data.partitions and train.global_batch_size % cfg.data.partitions:
+        raise ConfigError(f"data.partitions={cfg.data.partitions} does not divide "
+                          f"train.global_batch_size={train.global_batch_size}: every step takes "
+                          "the same number of rows from each partition")
     bad = [c for c in train.sample_classes if not 0 <= c < model.num_classes]
     if bad:
         raise ConfigError(f"train.sample_classes {bad} are outside [0, model.num_classes="
@@ -175,21 +191,31 @@ def _preset_name(path, overrides) -> str:
 
 
 def run_name(cfg: TrainJobConfig) -> str:
-    """The MLflow run and the Ray Train run share this name; the same config resumes by default."""
-    return cfg.mlflow.run_name or f"train-{cfg.preset or 'flowar'}-{config_hash(cfg)}"
+    """The MLflow run and the Ray Train run share this name; the same config resumes by default.
+
+    How the same training is spread over processes (train.num_workers, train.grad_accum_steps,
+    train.device) is left out of the name: the same job re-run on another number of workers
+    continues the run (elastic resume; the data order does not depend on the worker count)."""
+    if cfg.mlflow.run_name:
+        return cfg.mlflow.run_name
+    data = to_dict(cfg)
+    for key in ("num_workers", "grad_accum_steps", "device"):
+        data["train"].pop(key)
+    return f"train-{cfg.preset or 'flowar'}-{config_hash(data)}"
 
 
 @dataclass
 class WorkerPayload:
     """What the driver hands every training worker: the job, the MLflow run it logs to, Ray's
-    directory of the run, and the dataset metadata the driver already read (so no worker reads
-    it again). Ray Train's train_loop_config must be a dict: the payload travels as
+    directory of the run, and the dataset metadata and row-group list the driver already read
+    (so no worker reads them again). Ray Train's train_loop_config must be a dict: the payload travels as
     {"payload": WorkerPayload} (`as_loop_config`) and the worker unpacks it once."""
     job: TrainJobConfig
     run_id: str  # the MLflow run; FailureConfig restarts of dead workers keep logging to it
     tracking_uri: str
     run_dir: str  # <storage>/<run name>: Ray's run directory, also holding best/ and export/
     meta: LatentDatasetMeta
+    units: list = field(default_factory=list)  # the dataset's row groups (LatentDataset.units())
     fault: dict = field(default_factory=dict)  # test hook, see pipelines/train/faults.py
 
     def as_loop_config(self) -> dict:

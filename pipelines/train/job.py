@@ -32,15 +32,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; training stopped instead of continuing on garbage."""
 
 
-def run_train(cfg: TrainJobConfig, config_path: str | None = None, *, dataset=None,
-              fault: dict | None = None, callbacks=(), resources_per_worker: dict | None = None,
+def run_train(cfg: TrainJobConfig, config_path: str | None = None, *, fault: dict | None = None,
+              callbacks=(), resources_per_worker: dict | None = None,
               progress: bool | None = None):
     """Train (or resume) and return the Ray `Result`.
 
-    `dataset`: the latent dataset of `cfg.data.path` already read as a materialised Ray Dataset,
-    for callers that train several times on it (sweeps, tests): reading even a small Parquet
-    dataset costs Ray Data tens of seconds of task start-up on a small machine. `fault` is a test
-    hook that kills or fails one worker once (see pipelines/train/faults.py).
+    The workers stream the dataset themselves (pipelines/train/data.py): nothing of it passes
+    through the driver or Ray's object store. `fault` is a test hook that kills or fails one
+    worker once, or logs what each worker read (see pipelines/train/faults.py).
 
     `callbacks` (Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs this)
     and `resources_per_worker` (e.g. {"CPU": 2}) are passed to the trainer as they are.
@@ -51,9 +50,10 @@ def run_train(cfg: TrainJobConfig, config_path: str | None = None, *, dataset=No
     """
     cfg = from_dict(TrainJobConfig, to_dict(cfg))  # every config check again: cfg may have been edited
     meta = check_dataset(cfg)
-    payload = _start_run(cfg, config_path, meta, fault or {})
-    init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)  # + CPU for Ray Data beside the workers
-    trainer = _trainer(payload, dataset, callbacks, resources_per_worker)
+    units = LatentDataset(cfg.data.path).units()  # the row groups the workers stream
+    payload = _start_run(cfg, config_path, meta, units, fault or {})
+    init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 1)  # + one CPU for the driver's actors
+    trainer = _trainer(payload, callbacks, resources_per_worker)
     result = _fit(trainer, payload, progress if progress is not None else not _in_tune_trial())
     _finish(payload, result)
     return result
@@ -67,7 +67,7 @@ def check_dataset(cfg: TrainJobConfig) -> LatentDatasetMeta:
 
 
 def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDatasetMeta,
-               fault: dict) -> WorkerPayload:
+               units: list, fault: dict) -> WorkerPayload:
     """Start or resume the MLflow run of this job (its config, tags and a cleared "stopped"
     tag of an earlier diverged attempt) and return what the workers need."""
     name, uri = run_name(cfg), cfg.mlflow.resolved_uri()
@@ -81,7 +81,7 @@ def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDataset
           f"(MLflow run {run_id}, {uri})")
     run_dir = f"{cfg.ray.resolved_storage_path().rstrip('/')}/{name}"
     return WorkerPayload(job=cfg, run_id=run_id, tracking_uri=uri, run_dir=run_dir, meta=meta,
-                         fault=fault)
+                         units=units, fault=fault)
 
 
 def _tags(cfg: TrainJobConfig, meta: LatentDatasetMeta) -> dict[str, str]:
@@ -93,8 +93,8 @@ def _tags(cfg: TrainJobConfig, meta: LatentDatasetMeta) -> dict[str, str]:
             "git_commit": tracking.git_commit()}
 
 
-def _trainer(payload: WorkerPayload, dataset, callbacks, resources_per_worker):
-    """The Ray TorchTrainer of this run: train.num_workers workers on the whole dataset."""
+def _trainer(payload: WorkerPayload, callbacks, resources_per_worker):
+    """The Ray TorchTrainer of this run: train.num_workers workers, each streaming its share."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -102,10 +102,6 @@ def _trainer(payload: WorkerPayload, dataset, callbacks, resources_per_worker):
 
     cfg = payload.job
     use_gpu = _use_gpu(cfg)
-    # Materialised before fit: on small machines streaming reads starve beside the workers
-    # (docs/stack-facts.md), and the workers read it several times.
-    if dataset is None:
-        dataset = LatentDataset(cfg.data.path).ray_dataset().materialize()
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=payload.as_loop_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
@@ -115,10 +111,6 @@ def _trainer(payload: WorkerPayload, dataset, callbacks, resources_per_worker):
             callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        datasets={"train": dataset},
-        # Every worker sees the whole dataset and keeps its own deterministic partition
-        # (pipelines/train/data.py): Ray's streaming split is not reproducible, exact resume needs that.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 

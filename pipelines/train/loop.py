@@ -6,21 +6,23 @@ together), clipping, AdamW, EMA. Every `checkpoint_every` steps all ranks call
 `ray.train.report` with a checkpoint (the report is a barrier); rank 0 alone logs to MLflow.
 
 Determinism: the global torch RNG is reseeded from (seed, rank, step) before every step, and the
-data order is a pure function of (seed, epoch, step, rank) (pipelines/train/data.py), so resuming
-from any checkpoint replays exactly what an uninterrupted run would have done.
+data order is a pure function of (seed, epoch, step, partitions) (pipelines/train/data.py), so
+resuming from any checkpoint replays exactly what an uninterrupted run would have done, and
+resuming at another worker count continues the same epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -32,10 +34,10 @@ from flowar import FlowAR
 from flowar.optim import EMA, clip_grad_norm, lr_at, scaled_lr
 from pipelines.core import tracking
 from pipelines.train.checkpointing import (copy_dir, export_ema, full_ema_state, load_checkpoint,
-                                           save_checkpoint)
+                                           read_state, save_checkpoint)
 from pipelines.train.config import TrainConfig, TrainJobConfig, WorkerPayload
-from pipelines.train.data import BatchSource, load_shard, seed_of
-from pipelines.train.faults import inject_fault
+from pipelines.train.data import BatchSource, latent_columns, open_reader, seed_of
+from pipelines.train.faults import inject_fault, log_keys, read_logger
 from pipelines.train.parallelize import grad_sync, parallelize
 from pipelines.train.samples import SampleGrid
 
@@ -54,7 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(w.start_step, w.total_steps):
         inject_fault(payload.fault, w.rank, w.world, step, payload.run_dir)
         lr = set_lr(w, step)
-        losses, grad_norm = forward_backward(w, step)
+        losses, grad_norm, data_s = forward_backward(w, step)
         reason = non_finite_message(losses, grad_norm, step)
         if reason:
             stop(w, reason, step)
@@ -62,8 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
         w.optimizer.step()
         w.optimizer.zero_grad(set_to_none=True)
         w.ema.update(w.model)
-        window.add(losses, grad_norm)
-        interval.add(losses, grad_norm)
+        window.add(losses, grad_norm, data_s)
+        interval.add(losses, grad_norm, data_s)
 
         done = step + 1
         if done % tc.log_every == 0 or done == w.total_steps:
@@ -80,9 +82,11 @@ def train_loop_per_worker(config: dict) -> None:
 @dataclass
 class Meter:
     """Running sums over the steps since the last reset: the rank-averaged losses (total, then
-    one per scale), the grad norm, the number of steps, and when the window started."""
+    one per scale), the grad norm, the seconds spent waiting for batches, the number of steps,
+    and when the window started."""
     losses: torch.Tensor  # float64 on the CPU
     grad_norm: float = 0.0
+    data_s: float = 0.0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -90,9 +94,10 @@ class Meter:
     def zeros(cls, n: int) -> Meter:
         return cls(torch.zeros(n, dtype=torch.float64))
 
-    def add(self, losses: torch.Tensor, grad_norm: float) -> None:
+    def add(self, losses: torch.Tensor, grad_norm: float, data_s: float) -> None:
         self.losses += losses
         self.grad_norm += grad_norm
+        self.data_s += data_s
         self.steps += 1
 
     def mean(self) -> list[float]:
@@ -103,7 +108,7 @@ class Meter:
 
     def reset(self) -> None:
         self.losses.zero_()
-        self.grad_norm, self.steps, self.t0 = 0.0, 0, time.perf_counter()
+        self.grad_norm, self.data_s, self.steps, self.t0 = 0.0, 0.0, 0, time.perf_counter()
 
 
 @dataclass
@@ -160,24 +165,35 @@ def setup(payload: WorkerPayload) -> Worker:
     # The published groups (misc.add_weight_decay): matrices decay, 1-D tensors and biases do not.
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, tc.weight_decay), lr=peak_lr,
                                   betas=tuple(tc.betas))
-    source, rows = _batch_source(payload, rank, world)
-    t_data = time.perf_counter()
-    warmup = tc.warmup_steps if tc.warmup_steps >= 0 else round(tc.warmup_epochs * source.steps_per_epoch)
-    w = Worker(payload, rank, world, device, model, wrapped, forward, EMA(model, tc.ema_decay),
-               optimizer, source, rows, peak_lr, warmup,
-               total_steps=tc.max_steps or tc.epochs * source.steps_per_epoch)
-    _restore(w)
+    latest = ray.train.get_checkpoint()  # a restart or a resume: its state fixes the data order
+    with latest.as_directory() if latest else contextlib.nullcontext() as checkpoint_dir:
+        state = read_state(checkpoint_dir) if checkpoint_dir else {}
+        source = _batch_source(payload, rank, world, state)
+        warmup = (tc.warmup_steps if tc.warmup_steps >= 0
+                  else round(tc.warmup_epochs * source.steps_per_epoch))
+        w = Worker(payload, rank, world, device, model, wrapped, forward, EMA(model, tc.ema_decay),
+                   optimizer, source, sum(u.rows for u in payload.units), peak_lr, warmup,
+                   total_steps=tc.max_steps or tc.epochs * source.steps_per_epoch)
+        if checkpoint_dir:
+            _restore(w, checkpoint_dir)
     if rank == 0:
-        w.mlflow = tracking.client(payload.tracking_uri)
-        tracking.log_metrics(w.mlflow, payload.run_id, {
-            "resumed_from_step": w.start_step, "steps_per_epoch": source.steps_per_epoch,
-            "total_steps": w.total_steps}, step=w.start_step)
-        w.grid = SampleGrid(job, payload.meta, device)
-        print(f"flowar train: rank 0 ready in {time.perf_counter() - t_start:.1f}s (data "
-              f"{t_data - t_start:.1f}s); steps {w.start_step}..{w.total_steps}, "
-              f"{source.steps_per_epoch} per epoch, {rows} latents, micro-batch "
-              f"{tc.micro_batch} x {tc.grad_accum_steps}", flush=True)
+        _announce(w, time.perf_counter() - t_start)
     return w
+
+
+def _announce(w: Worker, seconds: float) -> None:
+    """Rank 0: the run's shape in MLflow and on stdout."""
+    source, tc = w.source, w.train
+    w.mlflow = tracking.client(w.payload.tracking_uri)
+    tracking.log_metrics(w.mlflow, w.payload.run_id, {
+        "resumed_from_step": w.start_step, "steps_per_epoch": source.steps_per_epoch,
+        "total_steps": w.total_steps}, step=w.start_step)
+    w.grid = SampleGrid(w.job, w.payload.meta, w.device)
+    print(f"flowar train: rank 0 ready in {seconds:.1f}s; steps {w.start_step}..{w.total_steps}, "
+          f"{source.steps_per_epoch} per epoch, {w.rows} latents in {len(w.payload.units)} row "
+          f"groups streamed as {source.reader.partitions} partition(s) in windows of "
+          f"{source.reader.window}, micro-batch {tc.micro_batch} x {tc.grad_accum_steps}",
+          flush=True)
 
 
 def _process(tc: TrainConfig) -> tuple[int, int, torch.device]:
@@ -193,28 +209,31 @@ def _process(tc: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _batch_source(payload: WorkerPayload, rank: int, world: int) -> tuple[BatchSource, int]:
-    """This rank's share of the dataset (pipelines/train/data.py), and the dataset's row count."""
+def _batch_source(payload: WorkerPayload, rank: int, world: int, state: dict) -> BatchSource:
+    """This rank's batches, streamed from the dataset (pipelines/train/data.py). A resumed run
+    keeps its checkpoint's partitions, so the data order continues at any worker count."""
     job = payload.job
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one read, no bar spam
+    batch = job.train.global_batch_size
+    if state.get("global_batch_size", batch) != batch:
+        raise ValueError(f"train.global_batch_size={batch}, but the checkpoint being resumed was "
+                         f"trained with {state['global_batch_size']}: the data position would "
+                         "move. Resume with the same global batch (or start a new run name)")
+    partitions = state.get("partitions") or job.data.partitions or world
     # Table 3's image scale construction: the coarser scales come from their own dataset columns.
     image_scales = job.model.scales[:-1] if job.model.scale_construction == "image" else ()
-    shard = load_shard(ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=1024, batch_format="numpy"), rank, world, image_scales)
-    source = BatchSource(shard, payload.meta, seed=job.train.seed, rank=rank,
-                         micro_batch=job.train.micro_batch, accum=job.train.grad_accum_steps,
-                         flip_augment=job.data.flip_augment, image_scales=image_scales)
-    return source, shard.total_rows
+    flip = job.data.flip_augment and payload.meta.flip
+    reader = open_reader(job.data.path, payload.units, latent_columns(flip, image_scales),
+                         seed=job.train.seed, partitions=partitions,
+                         window=job.data.shuffle_buffer, on_read=read_logger(payload.fault, rank))
+    return BatchSource(reader, payload.meta, seed=job.train.seed, rank=rank, world=world,
+                       global_batch=batch, accum=job.train.grad_accum_steps, flip=flip,
+                       image_scales=image_scales)
 
 
-def _restore(w: Worker) -> None:
-    """Continue from Ray's latest checkpoint of this run, if there is one (a restart or a resume)."""
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return
-    with latest.as_directory() as d:
-        state = load_checkpoint(d, strategy=w.train.strategy, model=w.model,
-                                optimizer=w.optimizer, ema=w.ema)
+def _restore(w: Worker, checkpoint_dir: str) -> None:
+    """Continue from Ray's latest checkpoint of this run (a restart or a resume)."""
+    state = load_checkpoint(checkpoint_dir, strategy=w.train.strategy, model=w.model,
+                            optimizer=w.optimizer, ema=w.ema)
     w.start_step, w.best_loss = state["step"], state.get("best_loss", math.inf)
 
 
@@ -229,14 +248,18 @@ def set_lr(w: Worker, step: int) -> float:
 
 def forward_backward(w: Worker, step: int) -> tuple[torch.Tensor, float]:
     """One step's gradients, reduced across ranks and clipped. Returns the losses (total, then
-    per scale) averaged over micro-batches and ranks, as float64 on the CPU, and the grad norm
-    before clipping."""
+    per scale) averaged over micro-batches and ranks, as float64 on the CPU, the grad norm
+    before clipping, and the seconds this rank waited for its batches."""
     tc = w.train
     torch.manual_seed(seed_of("step", tc.seed, w.rank, step))  # label drop, t, noise
     autocast = torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     losses = torch.zeros(w.num_losses, device=w.device)
+    data_s = 0.0
     for micro in range(tc.grad_accum_steps):
+        t0 = time.perf_counter()
         latents, labels, targets = w.source.batch(step, micro)
+        data_s += time.perf_counter() - t0
+        log_keys(w.payload.fault, w.rank, w.world, step, micro, w.source.last_keys)
         latents, labels = latents.to(w.device, non_blocking=True), labels.to(w.device)
         if targets is not None:
             targets = [m.to(w.device, non_blocking=True) for m in targets]
@@ -247,7 +270,7 @@ def forward_backward(w: Worker, step: int) -> tuple[torch.Tensor, float]:
         losses += torch.cat([total.detach().float()[None], per_scale.detach()]) / tc.grad_accum_steps
     dist.all_reduce(losses)  # sum; a NaN anywhere makes every rank's copy NaN
     losses = (losses / w.world).cpu().double()
-    return losses, clip_grad_norm(w.model.parameters(), tc.grad_clip)
+    return losses, clip_grad_norm(w.model.parameters(), tc.grad_clip), data_s
 
 
 def non_finite_message(stats: torch.Tensor, grad_norm: float, step: int) -> str:
@@ -271,17 +294,26 @@ def stop(w: Worker, reason: str, step: int) -> None:
 # ------------------------------------------------------------------ logs, samples, checkpoints
 
 def log_metrics(w: Worker, window: Meter, lr: float, done: int) -> None:
-    """Rank 0: the means over the steps since the last log, and the throughput."""
+    """Rank 0 logs the means over the steps since the last log and the throughput; every rank
+    first joins one reduction of the worst data wait and memory (so the log shows the slowest
+    input and the largest worker, not rank 0's)."""
+    elapsed = time.perf_counter() - window.t0
+    # ru_maxrss is in KiB on Linux: this process's peak resident memory
+    worst = torch.tensor([window.data_s / max(elapsed, 1e-9),
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device=w.device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if w.mlflow is None:
         return
-    elapsed = time.perf_counter() - window.t0
     mean = window.mean()
     images_s = w.train.global_batch_size * window.steps / max(elapsed, 1e-9)
     scale_names = [f"loss_scale{s}" for s in w.job.model.scales]
     metrics = {"loss": mean[0], **dict(zip(scale_names, mean[1:])), "lr": lr,
                "grad_norm": window.grad_norm / window.steps, "images_per_s": images_s,
                "tokens_per_s": images_s * w.job.model.num_tokens,
-               "epoch": done / w.source.steps_per_epoch}
+               "epoch": done / w.source.steps_per_epoch,
+               # the fraction of the window the slowest rank spent waiting for its batches
+               "data_wait_fraction": worst[0].item(), "worker_peak_rss_mb": worst[1].item(),
+               "data_rows_read": w.source.reader.stats.rows}
     if w.device.type == "cuda":
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 2**30
     tracking.log_metrics(w.mlflow, w.payload.run_id, metrics, step=done)
@@ -332,6 +364,8 @@ def report(w: Worker, metrics: dict, done: int) -> None:
     rank writes its shards; under DDP rank 0 writes the whole state."""
     epoch, index = w.source.position(done)
     state = {"step": done, "epoch": epoch, "index_in_epoch": index, "world_size": w.world,
+             "partitions": w.source.reader.partitions,
+             "global_batch_size": w.train.global_batch_size,
              "seed": w.train.seed, "best_loss": w.best_loss, "rows": w.rows,
              "rng": "reseeded every step from (seed, rank, step)"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,6 +377,7 @@ def report(w: Worker, metrics: dict, done: int) -> None:
 
 
 def summarise(w: Worker, seconds: float) -> None:
+    w.source.reader.close()
     if w.rank == 0 and w.total_steps > w.start_step:
         images = (w.total_steps - w.start_step) * w.train.global_batch_size
         print(f"flowar train: steps {w.start_step}..{w.total_steps} in {seconds:.1f}s "
