@@ -48,7 +48,6 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
     import ray
     from mlflow import MlflowClient
 
-    from pipelines.data.latents import LatentDataset
     from pipelines.train.config import load_train_config
     from pipelines.train.job import run_train
 
@@ -56,7 +55,6 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
     synthetic_latents(data, count=args.batch * 8)
     ray.init(num_cpus=max(4, (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
-    dataset = LatentDataset(str(data)).ray_dataset().materialize()
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out = {}
     for workers in args.workers:
@@ -68,7 +66,7 @@ def ray_train_throughput(args, tmp: Path) -> dict[int, float]:
             "train.sample_every=0", "train.samples_per_class=1", "train.sample_classes=[0]",
             "sampler.num_steps=4", f"mlflow.tracking_uri={uri}", f"mlflow.run_name=bench-{workers}",
             f"ray.storage_path={tmp / 'ray'}", "train.max_failures=0"])
-        run_train(cfg, dataset=dataset)
+        run_train(cfg)  # the workers stream the latents themselves
         c = MlflowClient(uri)
         run = c.search_runs([c.get_experiment_by_name("flowar").experiment_id],
                             filter_string=f"tags.`mlflow.runName` = 'bench-{workers}'")[0]
