@@ -9,7 +9,14 @@ normalised latents are roughly unit Gaussian, as FlowAR's flow matching assumes.
 
 Losses and a reconstruction grid (PNG: originals above, reconstructions below) go to MLflow; the
 VAE is saved with `save_pretrained` to `output`. An existing output is reused unless overwrite.
-The per-worker loop is in pipelines/vae_train_loop.py.
+The images stream (pipelines/vae_train_loop.py, with `flowar train`'s loader,
+pipelines/data/stream.py): the driver lists the source's items once (names only) and cuts them
+into units of UNIT_IMAGES consecutive items; each worker reads its own partition of their seeded
+order, decoding a unit when its shuffled window of `train.shuffle_buffer` images needs it. Nothing
+is decoded on the driver or held in Ray's object store, and a worker holds about two windows of
+images, whatever the size of the source. Images that do not decode are counted and left out of the
+losses (`data_rejects` in MLflow), never fatal. The per-worker loop is in
+pipelines/vae_train_loop.py.
 """
 
 from __future__ import annotations
@@ -23,7 +30,12 @@ from pipelines.core import storage, tracking
 from pipelines.core.config import MLflowConfig, RayConfig, add_job_parser, load_config, path_field
 from pipelines.core.progress import follow
 from pipelines.core.ray_runtime import init_ray
-from pipelines.data.sources import SourceConfig, decode_items, list_items
+from pipelines.data.sources import SourceConfig, list_items
+
+# Source items decoded together (a stream.py unit). Items are sorted by key, so a class-sorted
+# source (folders) puts one class in a unit: a window of shuffle_buffer images mixes about
+# shuffle_buffer / UNIT_IMAGES units; smaller units mix more but read the source in more pieces.
+UNIT_IMAGES = 256
 
 
 @dataclass
@@ -55,9 +67,13 @@ class VAETrainSection:
     seed: int = 0
     log_every: int = 50
     image_every: int = 500  # reconstruction grid every N steps (and at the end)
+    # images per shuffled window of a worker's stream: more mixes better; a worker holds about
+    # two windows of decoded images (2048 at 32x32: 12 MB; at 256x256: 800 MB)
+    shuffle_buffer: int = 2048
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "num_workers", "log_every", "image_every"):
+        for name in ("steps", "batch_size", "num_workers", "log_every", "image_every",
+                     "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1")
         if not self.lr > 0:
@@ -94,29 +110,27 @@ def check_resolution(model: VAEModelSection, resolution: int) -> None:
 
 
 def _init_ray(cfg: VAETrainConfig):
-    # the data stage needs CPU beside the workers (docs/stack-facts.md, "CPU budget for Ray Data")
-    return init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 2)
+    # the workers and the trainer's own actor (one CPU each); the workers decode their images
+    return init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 1)
 
 
-def _good_images(batch: dict, source: dict, resolution: int) -> dict:
-    """decode_items, keeping only the images that decoded (rejects are skipped, not fatal)."""
-    out = decode_items(batch, source, resolution)
-    return {"image": out["image"][out["reason"] == ""]}
-
-
-def _images_dataset(cfg: VAETrainConfig, ray):
-    """Decoded, cropped uint8 images of the source as a materialised Ray Dataset (rejects dropped)."""
+def _source_refs(cfg: VAETrainConfig) -> list[str]:
+    """Where each of the source's images is (sorted by key), listed once on the driver; raises
+    ConfigError when the source cannot give every worker an image."""
     items, _ = list_items(cfg.source)
-    size = 2000
-    rows = [{"shard": i // size, "keys": [k for k, _, _ in items[i:i + size]],
-             "labels": [y for _, y, _ in items[i:i + size]], "refs": [r for _, _, r in items[i:i + size]]}
-            for i in range(0, len(items), size)]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(_good_images, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"source": to_dict(cfg.source), "resolution": cfg.resolution})
-    # materialised before fit: a streaming dataset starves on 2 cores (docs/stack-facts.md,
-    # "CPU budget for Ray Data")
-    return ds.materialize()
+    if len(items) < cfg.train.num_workers:
+        raise ConfigError(f"source {cfg.source.kind} {cfg.source.path!r} has {len(items)} images, "
+                          f"fewer than train.num_workers={cfg.train.num_workers}: every worker "
+                          "streams its own share; lower train.num_workers or raise source.limit")
+    return [ref for _, _, ref in items]
+
+
+def image_units(n: int) -> list:
+    """The stream's units over n items: runs of UNIT_IMAGES consecutive items, ref (start, end)."""
+    from pipelines.data.stream import Unit  # numpy: off `flowar --help`'s import path
+
+    return [Unit(ref=(a, min(a + UNIT_IMAGES, n)), rows=min(a + UNIT_IMAGES, n) - a)
+            for a in range(0, n, UNIT_IMAGES)]
 
 
 def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
@@ -126,11 +140,12 @@ def run_vae_train(cfg: VAETrainConfig, config_path: str | None = None) -> str:
         print(f"flowar vae train: reusing the VAE at {storage.display(cfg.output)} "
               "(set overwrite=true to train again)", file=sys.stderr)
         return cfg.output
+    refs = _source_refs(cfg)  # before the MLflow run: a source that cannot serve is refused
     uri = cfg.mlflow.resolved_uri()
     run_id = _start_run(cfg, uri, config_path)
     status = "FAILED"
     try:
-        result = _fit(cfg, uri, run_id)
+        result = _fit(cfg, refs, uri, run_id)
         _save(result.checkpoint, cfg)
         status = "FINISHED"
         print(f"flowar vae train: saved to {storage.display(cfg.output)}; "
@@ -152,7 +167,7 @@ def _start_run(cfg: VAETrainConfig, uri: str, config_path: str | None) -> str:
     return run_id
 
 
-def _fit(cfg: VAETrainConfig, uri: str, run_id: str):
+def _fit(cfg: VAETrainConfig, refs: list[str], uri: str, run_id: str):
     """Ray Train's fit of pipelines/vae_train_loop.py on the source's images; its Result."""
     _init_ray(cfg)
     import ray.train  # Ray and torch: not at the top, `flowar --help` imports this module
@@ -161,16 +176,16 @@ def _fit(cfg: VAETrainConfig, uri: str, run_id: str):
     from pipelines.vae_train_loop import train_loop_per_worker
 
     t = cfg.train
-    dataset = _images_dataset(cfg, ray)
     use_gpu = ray.cluster_resources().get("GPU", 0) >= t.num_workers
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # the typed config travels as it is: the loop reads it without importing this module
-        train_loop_config={"cfg": cfg, "mlflow_uri": uri, "run_id": run_id},
+        # the typed config travels as it is: the loop reads it without importing this module;
+        # with it the images' refs (names, not pixels) and their units
+        train_loop_config={"cfg": cfg, "refs": refs, "units": image_units(len(refs)),
+                           "mlflow_uri": uri, "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name=f"vae-train-{run_id[:8]}-{uuid.uuid4().hex[:4]}",
-                                       storage_path=cfg.ray.resolved_storage_path()),
-        datasets={"train": dataset})
+                                       storage_path=cfg.ray.resolved_storage_path()))
     # step/total, loss, images/s and time left from rank 0's MLflow metrics while fit() runs
     with follow(uri, run_id, total=t.steps, log_every=t.log_every,
                 images_per_step=t.batch_size * t.num_workers, desc="vae train"):

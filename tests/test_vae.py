@@ -84,21 +84,50 @@ def test_load_vae_folder_and_ldm_checkpoint(tmp_path, golden):
         load_vae(str(tmp_path / "missing"))
 
 
+def _image_folder(root, n: int, bad_every: int):
+    """n 32x32 PNGs (16 random ones, repeated) in two class folders, sorted by name as the source
+    lists them; item i is not an image (garbage bytes) when i % bad_every == 7."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(16):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf := io.BytesIO(), "PNG")
+        pngs.append(buf.getvalue())
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+    for i in range(n):
+        data = b"not a png" if i % bad_every == 7 else pngs[i % len(pngs)]
+        (root / f"c{2 * i // n}" / f"{i:05d}.png").write_bytes(data)
+
+
 @pytest.mark.ray
-def test_vae_train_writes_loadable_vae_and_mlflow_run(tmp_path, ray_local, mlflow_uri, monkeypatch):
+def test_vae_train_streams_its_images_and_writes_loadable_vae(tmp_path, ray_local, mlflow_uri, monkeypatch):
+    """`flowar vae train` on a folder of 3072 images, one in every unit of the stream broken: the
+    worker reads only the units its steps, windows and normalisation sample need (not the
+    source), counts the rejects and trains on; the VAE loads, MLflow holds the run."""
+    import math
+
     import mlflow
     import torch
 
     from flowar.vae import encode_moments, load_vae, normalise
     from pipelines.core.config import load_config
-    from pipelines.vae_train import VAETrainConfig, run_vae_train
+    from pipelines.vae_train import UNIT_IMAGES, VAETrainConfig, run_vae_train
+    from pipelines.vae_train_loop import STATS_IMAGES
     from conftest import ROOT
     monkeypatch.setenv("FLOWAR_HOME", str(tmp_path))
+    n, steps, batch, window = 12 * UNIT_IMAGES, 3, 16, 32
+    _image_folder(tmp_path / "images", n, bad_every=UNIT_IMAGES)
     out = tmp_path / "vae"
     cfg = load_config(VAETrainConfig, ROOT / "configs" / "vae-fashion-mnist.yaml", [
-        "source.limit=128", "train.steps=3", "train.batch_size=16", "train.num_workers=1",
-        "train.log_every=1", "train.image_every=2", f"output={out}", f"mlflow.tracking_uri={mlflow_uri}",
-        "mlflow.run_name=vae-test", f"ray.storage_path={tmp_path / 'ray'}"])
+        "source.kind=folder", f"source.path={tmp_path / 'images'}", "source.limit=0",
+        f"train.steps={steps}", f"train.batch_size={batch}", f"train.shuffle_buffer={window}",
+        "train.num_workers=1", "train.log_every=1", "train.image_every=2", f"output={out}",
+        f"mlflow.tracking_uri={mlflow_uri}", "mlflow.run_name=vae-test",
+        f"ray.storage_path={tmp_path / 'ray'}"])
     run_vae_train(cfg)
 
     vae, info = load_vae(str(out))
@@ -113,15 +142,46 @@ def test_vae_train_writes_loadable_vae_and_mlflow_run(tmp_path, ray_local, mlflo
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3] and all(math.isfinite(m.value) for m in losses)
     pngs = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
     assert pngs == ["reconstructions/step_000002.png", "reconstructions/step_000003.png"]
+
+    # Whole units are read: the positions a worker asked for, rounded out to units (+1 for a
+    # unit cut by the edge). Training: its steps' positions plus the held images' window and
+    # the window read ahead; at the end also the normalisation's sample. Not the source's n.
+    def bound(positions):
+        return (math.ceil(positions / UNIT_IMAGES) + 1) * UNIT_IMAGES
+    metrics = run.data.metrics
+    read = client.get_metric_history(run.info.run_id, "data_rows_read")[-1].value
+    assert UNIT_IMAGES <= read <= bound(steps * batch + 2 * window) < n
+    final_read = metrics["final_data_rows_read"]
+    assert read <= final_read <= bound(steps * batch + STATS_IMAGES + 2 * window) < n
+    # one reject in every unit read (counted as a unit is decoded, just before it counts as read)
+    assert final_read / UNIT_IMAGES <= metrics["final_data_rejects"] <= final_read / UNIT_IMAGES + 1
+    assert 0 <= metrics["data_wait_fraction"] <= 1 and metrics["worker_peak_rss_mb"] > 0
 
     # A second call reuses the saved VAE: no training, no new run.
     before = (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     run_vae_train(cfg)
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_vae_train_refuses_a_bad_window_and_too_few_images(tmp_path):
+    from flowar.config import ConfigError
+    from pipelines.core.config import load_config
+    from pipelines.vae_train import VAETrainConfig, run_vae_train
+    from conftest import ROOT
+    config = ROOT / "configs" / "vae-fashion-mnist.yaml"
+    with pytest.raises(ConfigError, match=r"train\.shuffle_buffer=0 must be at least 1"):
+        load_config(VAETrainConfig, config, ["train.shuffle_buffer=0", f"output={tmp_path / 'vae'}"])
+    cfg = load_config(VAETrainConfig, config, [
+        "source.limit=1", "train.num_workers=2", f"output={tmp_path / 'vae'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(ConfigError, match=r"has 1 images, fewer than train\.num_workers=2"):
+        run_vae_train(cfg)  # refused before any MLflow run or Ray start
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("kind", ["AutoencoderTiny", "AutoencoderDC"])
