@@ -89,6 +89,11 @@ TRAIN_CASES = {
     "log_every=0": (["train.log_every=0"], ["train.log_every=0"]),
     "unknown preset": (["preset=nope"], ["preset='nope'"]),
     "empty data.path": (["data.path="], ["data.path"]),
+    # how the input streams (issue 15)
+    "shuffle_buffer=0": (["data.shuffle_buffer=0"], ["data.shuffle_buffer=0"]),
+    "partitions<0": (["data.partitions=-1"], ["data.partitions=-1"]),
+    "partitions vs batch": (["data.partitions=3"],
+                            ["data.partitions=3", "train.global_batch_size=16"]),
 }
 
 
@@ -241,6 +246,7 @@ VAE_CASES = {
     "latent_channels=0": (["model.latent_channels=0"], ["model.latent_channels=0"]),
     "steps=0": (["train.steps=0"], ["train.steps=0"]),
     "batch_size=0": (["train.batch_size=0"], ["train.batch_size=0"]),
+    "shuffle_buffer=0": (["train.shuffle_buffer=0"], ["train.shuffle_buffer=0"]),
     "num_workers=0": (["train.num_workers=0"], ["train.num_workers=0"]),
     "log_every=0": (["train.log_every=0"], ["train.log_every=0"]),
     "image_every=0": (["train.image_every=0"], ["train.image_every=0"]),
