@@ -3,9 +3,9 @@
 - Already initialised (tests, the quickstart, a Tune trial): reuse it.
 - `ray.address` in the config or RAY_ADDRESS in the environment (a job submitted with
   `flowar submit` runs with it set): join that cluster; it has its own CPU count.
-- Otherwise a local Ray with at least `min_cpus` logical CPUs: Ray Data needs CPU budget beside
-  the training workers on small machines (docs/stack-facts.md, "CPU budget for Ray Data"), so a
-  2-core laptop is oversubscribed logically rather than deadlocked.
+- Otherwise a local Ray with at least `min_cpus` logical CPUs: a job's actors and workers
+  (and Ray Data's tasks beside them in encode and evaluate; docs/stack-facts.md, "CPU budget for
+  Ray Data") must all fit, so a 2-core laptop is oversubscribed logically rather than deadlocked.
 """
 
 from __future__ import annotations
