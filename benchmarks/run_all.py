@@ -6,7 +6,9 @@ Each benchmark is its own script (run alone for details) that prints a Markdown 
 and ratios measured side by side in one run: KV cache vs recompute and generation images/s per
 preset (bench_model), encode throughput with 1 vs 2 actors (bench_encode), training images/s with
 1 vs 2 workers and cached latents vs on-the-fly encoding (bench_train), samples/s and features/s
-with 1 vs 2 evaluation workers (bench_evaluate).
+with 1 vs 2 evaluation workers (bench_evaluate), training input memory at N vs 8N rows, loader
+samples/s, an ImageNet projection and float16 moments (bench_data; resumable: its measurements
+are kept under benchmarks/.bench_data/, pass --old there to measure the code before streaming).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ BENCHMARKS = {
     "encode": ["bench_encode.py"],
     "train": ["bench_train.py"],
     "evaluate": ["bench_evaluate.py"],
+    "data": ["bench_data.py"],
 }
 
 
