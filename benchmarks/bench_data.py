@@ -29,32 +29,19 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from measure import MB, Sampler, child, load, measured
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = "configs/quickstart.yaml"
-MB = 2**20
 
 
 # ------------------------------------------------------------------ results and datasets
-
-def measured(out: Path, name: str, measure) -> dict:
-    """The result <out>/<name>.json, measured (and written atomically) unless it exists."""
-    path = out / f"{name}.json"
-    if not path.exists():
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(measure(), indent=1))
-        tmp.rename(path)
-    return json.loads(path.read_text())
-
 
 def synth_dataset(path: Path, rows: int, side: int, channels: int, dtype=np.float32,
                   part_rows: int = 2000) -> Path:
@@ -92,70 +79,7 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("part-*.parquet"))
 
 
-def child(spec: dict, cwd: Path, pythonpath: Path, timeout: int = 3600) -> dict:
-    """Run one measurement (`--child`) in a fresh process; its result comes back as JSON."""
-    result = Path(spec["result"])
-    result.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(pythonpath)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode or not result.exists():
-        raise RuntimeError(f"measurement failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
-
-
 # ------------------------------------------------------------------ inside a child: training
-
-class Sampler(threading.Thread):
-    """Peak RSS of the training workers and of all of this process's descendants (the local Ray
-    cluster it started), and peak object-store bytes, every `every` seconds."""
-
-    def __init__(self, every: float = 0.2):
-        super().__init__(daemon=True)
-        self.every, self.stop = every, threading.Event()
-        self.workers: dict[int, int] = {}  # pid of a RayTrainWorker -> peak RSS
-        self.peak_ray = self.peak_driver = self.peak_store = self.samples = 0
-        self.store_error, self._state = "", None
-
-    def run(self):
-        import psutil  # Ray's copy (ray/thirdparty_files): importable once ray is imported
-
-        me = psutil.Process()
-        while not self.stop.wait(self.every):
-            total = 0
-            for p in me.children(recursive=True):
-                try:
-                    rss = p.memory_info().rss
-                    if p.pid not in self.workers and "RayTrainWorker" in " ".join(p.cmdline()):
-                        self.workers[p.pid] = 0
-                except psutil.Error:
-                    continue
-                total += rss
-                if p.pid in self.workers:
-                    self.workers[p.pid] = max(self.workers[p.pid], rss)
-            self.peak_ray = max(self.peak_ray, total)
-            self.peak_driver = max(self.peak_driver, me.memory_info().rss)
-            self.peak_store = max(self.peak_store, self.store_bytes())
-            self.samples += 1
-
-    def store_bytes(self) -> int:
-        if "ray" not in sys.modules or self.store_error:
-            return 0
-        try:
-            from ray._private import internal_api
-
-            ray = sys.modules["ray"]
-            if self._state is None:
-                if not ray.is_initialized():
-                    return 0
-                self._state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
-            reply = internal_api.get_memory_info_reply(self._state, timeout_seconds=10)
-            return int(reply.store_stats.object_store_bytes_used)
-        except Exception as e:  # noqa: BLE001 - reported in the result, not fatal
-            self.store_error = repr(e)[:300]
-            return 0
-
 
 def train_child(spec: dict) -> dict:
     import ray  # noqa: F401 - puts Ray's psutil on sys.path for the sampler
@@ -199,8 +123,8 @@ def run_training(out: Path, name: str, data: Path, code: Path, extra: list[str])
     tmp.mkdir(parents=True)
     overrides = [f"data.path={data}", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
                  f"ray.storage_path={tmp}/ray", "train.num_workers=2", "train.sample_every=0", *extra]
-    result = child({"kind": "train", "config": CONFIG, "overrides": overrides,
-                    "result": str(tmp / "result.json")}, cwd=code, pythonpath=code)
+    result = child(__file__, {"kind": "train", "config": CONFIG, "overrides": overrides,
+                              "result": str(tmp / "result.json")}, cwd=code, pythonpath=code)
     shutil.rmtree(tmp / "ray", ignore_errors=True)  # checkpoints: not needed, not small
     return result
 
@@ -292,7 +216,7 @@ def loader(out: Path, rows: int, batch: int, steps: int, target: float) -> None:
             spec = {"kind": "loader", "path": str(data), "window": 8192, "batch": batch, "warmup": 10,
                     "steps": steps, "rounds": 3, "target": target,
                     "result": str(out / "loader.tmp.json")}
-            return {**child(spec, ROOT, ROOT), "rows": rows, "batch": batch,
+            return {**child(__file__, spec, ROOT, ROOT), "rows": rows, "batch": batch,
                     "disk_bytes": disk_bytes(data)}
         measured(out, name, measure)
 
@@ -370,11 +294,6 @@ def projection(old_slope: float | None, window: int = 8192, unit_rows: int = 512
 
 
 # ------------------------------------------------------------------ tables
-
-def load(out: Path, name: str) -> dict | None:
-    path = out / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
 
 def memory_table(out: Path, rows: int, factor: int) -> tuple[list[str], float | None]:
     lines = ["| code | rows | Parquet (MB) | peak RSS per worker (MB) | peak RSS, all Ray processes "
