@@ -210,3 +210,29 @@ def test_mismatches_and_unknown_keys_refused(tmp_path, tiny_vae):
         _config(tiny_vae, tmp_path / "o", "encode.bogus=1")
     assert main(["encode", str(tmp_path / "c.yaml"), "source.colour=red"]) == 2
     assert main(["vae", "train", str(ROOT / "configs" / "vae-fashion-mnist.yaml"), "train.stepz=3"]) == 2
+
+
+def test_flowar_encode_webdataset_with_corrupt_members(tmp_path, ray_local, tiny_vae):
+    """`flowar encode` on WebDataset shards (tests/test_sources.py's: a truncated PNG, an image
+    without a label, one with an unreadable label, a tar cut inside a member): the good images
+    are encoded with their labels, each bad one is a line of rejects.jsonl with its reason."""
+    import numpy as np
+
+    from pipelines.cli import main
+    from pipelines.data.latents import LatentDataset, TorchLatentDataset
+    from test_sources import _webdataset
+    _webdataset(tmp_path / "wds", np.random.default_rng(0))
+    (tmp_path / "encode.yaml").write_text(f"source:\n  kind: webdataset\n  path: {tmp_path / 'wds'}\n")
+    out = tmp_path / "latents"
+    assert main(["encode", str(tmp_path / "encode.yaml"), f"vae.spec={tiny_vae}", f"output={out}",
+                 "encode.shard_size=3", "encode.flip=false"]) == 0
+    rejects = {r["key"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert set(rejects) == {"a/truncated", "a/nolabel", "a/badlabel", "b/cut"}
+    assert "truncated" in rejects["a/truncated"]["reason"].lower()
+    assert rejects["a/nolabel"]["reason"].startswith("LookupError: no label")
+    assert rejects["a/badlabel"]["reason"].startswith("LookupError: unreadable label")
+    assert rejects["b/cut"]["source"].endswith("b.tar#b/cut.png")
+    data = TorchLatentDataset(str(out), random_flip=False)
+    assert dict(zip(data.keys, data.labels.tolist())) == {"a/0": 0, "a/1": 2, "a/jpg": 1, "b/0": 3, "b/1": 0}
+    meta = LatentDataset(str(out)).meta
+    assert (meta.count, meta.rejects, meta.num_classes, meta.source["kind"]) == (5, 4, 4, "webdataset")

@@ -6,8 +6,10 @@ decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
 
 - `folder`: class subfolders (ImageNet layout), label = index of the sorted folder name;
 - `parquet`: Parquet files with an image column (bytes, or HF-datasets {bytes, path} structs),
-  a label column and optionally a key column;
+  a label column and optionally a key column; listing reads the label/key columns, decoding a
+  shard reads the image column of the row groups its rows fall in, no others;
 - `webdataset`: .tar shards with `<key>.<jpg|png|webp|...>` plus `<key>.cls` (or .json "label");
+  listing reads member headers and label members only, several tars at a time (`_list_webdataset`);
 - `fashion-mnist`: the bundled data set's IDX files (pipelines.data.bundled: Debian's package,
   else torchvision's download), 28x28 grey padded to 32x32.
 
@@ -18,7 +20,8 @@ the same preprocessing, so reference and training images are prepared alike.
 Paths may be local or any URI pyarrow's filesystems read (s3://, gs://, ...).
 Preprocessing (ADM/MAR `center_crop_arr`): halve with a box filter while the short side is at least
 twice the target, resize the short side to the target with bicubic, crop the center; grey, palette
-and RGBA images become RGB. A file that fails any of this is a reject with its reason.
+and RGBA images become RGB. A file that fails any of this is a reject with its reason, and so is
+an image without a label (NO_LABEL, BAD_LABEL); one bad item never rejects its neighbours.
 
 `flowar --help` imports this module (encode and vae train configs hold a SourceConfig), so numpy,
 PIL and pyarrow, which would double its start-up time, are imported where images are read.
@@ -32,6 +35,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from flowar.config import ConfigError
 from pipelines.core import storage
@@ -46,6 +50,12 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 # The image files a source takes (compared lower-case): WebDataset members, evaluation folders.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 PARQUET_SUFFIX = ".parquet"
+# Labels that listing cannot give; decode_items turns them into rejects with these reasons.
+NO_LABEL, BAD_LABEL = -1, -2
+LABEL_REJECTS = {NO_LABEL: "no label (no .cls/.json member for this key, or a null label column)",
+                 BAD_LABEL: "unreadable label (a .cls that is not a non-negative integer, "
+                            "or a .json without an integer \"label\")"}
+LIST_THREADS = 16  # tars listed at a time (I/O-bound: object-store latency, not CPU)
 
 
 def is_image_name(name: str) -> bool:
@@ -93,22 +103,30 @@ def list_items(cfg: SourceConfig) -> tuple[list[tuple[str, int, str]], list[str]
 
 
 def _files(path: str, what: str):
+    """(filesystem, root, file infos sorted by path, prefix): `prefix + info.path` is a ref that
+    `storage.resolve` opens again on any node (an object store's paths carry no scheme)."""
     import pyarrow.fs as pafs
     if not path:
         raise ConfigError(f"source.path is empty: give the {what} (local path or URI)")
     fs, root = storage.resolve(path)
+    prefix = f"{urlsplit(path).scheme}://" if storage.is_uri(path) else ""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"source.path {path!r} does not exist")
     if info.type == pafs.FileType.File:
-        return fs, root, [info]
+        return fs, root, [info], prefix
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return fs, root, sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    return fs, root, sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path), prefix
+
+
+def _class_names(labels) -> list[str]:
+    """'0'..'max label' (the sources that number their classes); rejects' labels left out."""
+    return [str(i) for i in range(max((y for y in labels if y >= 0), default=-1) + 1)]
 
 
 def _list_folder(cfg):
     import pyarrow.fs as pafs
-    fs, root, _ = _files(cfg.path, "image folder (class subfolders)")
+    fs, root, _, prefix = _files(cfg.path, "image folder (class subfolders)")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     classes = sorted(e.base_name for e in entries
                      if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
@@ -119,14 +137,16 @@ def _list_folder(cfg):
         for info in fs.get_file_info(pafs.FileSelector(f"{root}/{name}", recursive=True)):
             if info.type == pafs.FileType.File and not info.base_name.startswith("."):
                 key = info.path[len(root) + 1:]
-                items.append((key, label, info.path))
+                items.append((key, label, prefix + info.path))
     return items, classes
 
 
 def _list_parquet(cfg):
+    """Reads the label (and key) column of each file, never the images. A null label is
+    NO_LABEL: that row becomes a reject when it is decoded."""
     import pyarrow.parquet as pq
-    fs, root, files = _files(cfg.path, "Parquet shard directory")
-    items, max_label = [], -1
+    fs, _, files, prefix = _files(cfg.path, "Parquet shard directory")
+    items = []
     for info in (f for f in files if f.base_name.endswith(PARQUET_SUFFIX)):
         pf = pq.ParquetFile(info.path, filesystem=fs)
         names = pf.schema_arrow.names
@@ -140,35 +160,64 @@ def _list_parquet(cfg):
         keys = (table[cfg.key_column].to_pylist() if cfg.key_column in names else
                 [f"{info.base_name.removesuffix(PARQUET_SUFFIX)}/{i:07d}" for i in range(len(labels))])
         for i, (key, label) in enumerate(zip(keys, labels)):
-            items.append((str(key), int(label), f"{info.path}#{i}"))
-            max_label = max(max_label, int(label))
-    return items, [str(i) for i in range(max_label + 1)]
+            items.append((str(key), NO_LABEL if label is None else int(label), f"{prefix}{info.path}#{i}"))
+    return items, _class_names(y for _, y, _ in items)
 
 
 def _list_webdataset(cfg):
+    """The driver reads each tar's member headers (512 bytes a member; the image data is skipped
+    by a seek) and its label members (.cls/.json, a few bytes each), never an image, LIST_THREADS
+    tars at a time so that an object store's per-request latency overlaps. Only `.tar` files are
+    listed: WebDataset's shards are uncompressed, which is what lets a header scan seek.
+    It holds one (key, label, ref) per image, as every source does: a few hundred bytes an image
+    (`benchmarks/bench_encode.py --listing` measures it). An image without a readable label lists
+    as NO_LABEL / BAD_LABEL and becomes a reject when decoded; a tar cut short lists the members
+    whose headers it still has (reading the cut one is then a reject)."""
+    from concurrent.futures import ThreadPoolExecutor
+    fs, _, files, prefix = _files(cfg.path, "WebDataset .tar shard directory")
+    tars = [f.path for f in files if f.base_name.endswith(".tar")]
+    with ThreadPoolExecutor(max_workers=max(1, min(LIST_THREADS, len(tars)))) as pool:
+        listed = list(pool.map(lambda path: _list_tar(fs, path, prefix), tars))
+    items = [item for tar_items in listed for item in tar_items]
+    return items, _class_names(y for _, y, _ in items)
+
+
+def _list_tar(fs, path: str, prefix: str) -> list[tuple[str, int, str]]:
+    """One tar's (key, label, ref) per image member. Keys are grouped within the tar (a key in
+    two tars is two images: list_items then refuses the duplicate key)."""
+    import sys
     import tarfile
-    fs, root, files = _files(cfg.path, "WebDataset .tar shard directory")
     groups: dict[str, dict] = {}
-    for info in (f for f in files if f.base_name.endswith(".tar")):
-        with fs.open_input_file(info.path) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-            for member in tar:
+    # "r:", not "r:*": probing for compression would read 16 KiB of every tar.
+    with fs.open_input_file(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        try:
+            for member in tar:  # tarfile seeks past each member's data: only headers are read
                 if not member.isfile():
                     continue
                 base = member.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
-                prefix = member.name[: len(member.name) - len(base)]
-                group = groups.setdefault(prefix + key, {})
+                group = groups.setdefault(member.name[: len(member.name) - len(base)] + key, {})
                 if ext.lower() in IMAGE_EXTS:
-                    group["ref"] = f"{info.path}#{member.name}"
+                    group["ref"] = f"{prefix}{path}#{member.name}"
                 elif ext in ("cls", "json"):
-                    text = tar.extractfile(member).read().decode()
-                    group["label"] = int(json.loads(text)["label"] if ext == "json" else text.strip())
-    items, max_label = [], -1
-    for key, g in groups.items():
-        if "ref" in g:
-            items.append((key, g.get("label", 0), g["ref"]))
-            max_label = max(max_label, g.get("label", 0))
-    return items, [str(i) for i in range(max_label + 1)]
+                    group["label"] = _tar_label(tar, member, ext)
+        except tarfile.ReadError as e:  # cut short: what is listed stays, the rest is gone
+            print(f"flowar: WebDataset shard {prefix}{path}: {e} after {len(groups)} keys; "
+                  "the images listed before are kept", file=sys.stderr)
+    return [(key, g.get("label", NO_LABEL), g["ref"]) for key, g in groups.items() if "ref" in g]
+
+
+def _tar_label(tar, member, ext: str) -> int:
+    """A .cls member's integer, or a .json member's "label"; BAD_LABEL when it is neither."""
+    try:
+        text = tar.extractfile(member).read().decode()
+        label = json.loads(text)["label"] if ext == "json" else text.strip()
+        if isinstance(label, bool):
+            return BAD_LABEL
+        label = int(label)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
+        return BAD_LABEL
+    return label if label >= 0 else BAD_LABEL
 
 
 def _fashion_mnist_file(cfg, what: str) -> str:
@@ -239,51 +288,99 @@ def center_crop_arr(image, size: int):
 
 
 def _read_raw(kind: str, refs: list[str], cfg: dict) -> list:
-    """Raw bytes (or arrays) per ref, or the exception that reading it raised."""
-    import tarfile
-
-    import numpy as np
-    import pyarrow.parquet as pq
+    """Raw bytes (or arrays) per ref, or the exception that reading that one item raised: a bad
+    item never rejects the others of its file. Only a file that cannot be opened at all rejects
+    every item of it."""
     out: list = [None] * len(refs)
     by_file: dict[str, list[tuple[int, str]]] = {}
     for i, ref in enumerate(refs):
         if kind == "folder":
-            try:
-                fs, p = storage.resolve(ref) if storage.is_uri(ref) else (None, ref)
-                if fs is None:
-                    with open(p, "rb") as f:
-                        out[i] = f.read()
-                else:
-                    with fs.open_input_stream(p) as f:
-                        out[i] = f.read()
-            except Exception as e:  # unreadable file: a reject, never a dead job
-                out[i] = e
+            out[i] = _guarded(_read_file, ref)
         else:
             file, _, part = ref.rpartition("#")
             by_file.setdefault(file, []).append((i, part))
+    reader = {"fashion-mnist": _idx_items, "parquet": _parquet_items, "webdataset": _tar_items}.get(kind)
     for file, wanted in by_file.items():
         try:
-            if kind == "fashion-mnist":
-                images = read_idx(file)
-                for i, part in wanted:
-                    out[i] = np.array(images[int(part)])
-            elif kind == "parquet":
-                fs, p = storage.resolve(file)
-                column = pq.read_table(p, filesystem=fs, columns=[cfg["image_column"]])[0]
-                for i, part in wanted:
-                    value = column[int(part)].as_py()
-                    out[i] = value["bytes"] if isinstance(value, dict) else value
-            else:  # webdataset
-                fs, p = storage.resolve(file)
-                names = {part: i for i, part in wanted}
-                with fs.open_input_file(p) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-                    for member in tar:
-                        if member.name in names:
-                            out[names[member.name]] = tar.extractfile(member).read()
-        except Exception as e:
+            for i, value in reader(file, wanted, cfg):
+                out[i] = value
+        except Exception as e:  # the file itself is unreadable (missing, not a tar/Parquet, cut short)
             for i, _ in wanted:
                 out[i] = out[i] if out[i] is not None else e
-    return [e if e is not None else FileNotFoundError("not found in its shard") for e in out]
+    return [FileNotFoundError("not found in its shard") if v is None else v for v in out]
+
+
+def _guarded(fn, *args):
+    """fn(*args), or the exception it raised (an unreadable item is a reject, never a dead job)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
+
+
+def _read_file(ref: str) -> bytes:
+    if not storage.is_uri(ref):
+        with open(ref, "rb") as f:
+            return f.read()
+    fs, path = storage.resolve(ref)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _idx_items(file: str, wanted, cfg):
+    import numpy as np
+    images = read_idx(file)
+    for i, part in wanted:
+        yield i, _guarded(lambda row: np.array(images[int(row)]), part)
+
+
+def _parquet_items(file: str, wanted, cfg):
+    """The image of each wanted row, reading only the row groups those rows fall in (a
+    1,000-image shard of a file of many row groups reads its own one or two)."""
+    import bisect
+
+    import pyarrow.parquet as pq
+    fs, path = storage.resolve(file)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        starts = [0]
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+        rows = {}
+        for i, part in wanted:
+            row = _guarded(int, part)
+            if isinstance(row, int) and not 0 <= row < starts[-1]:
+                row = IndexError(f"row {row} is not in {file} ({starts[-1]} rows)")
+            if isinstance(row, Exception):
+                yield i, row
+            else:
+                rows[i] = row
+        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows.values()})
+        column = pf.read_row_groups(groups, columns=[cfg["image_column"]]).column(0)
+        offset, base = 0, {}
+        for g in groups:  # where each group's rows begin in the table read
+            base[g], offset = offset, offset + starts[g + 1] - starts[g]
+        for i, r in rows.items():
+            g = bisect.bisect_right(starts, r) - 1
+            value = column[base[g] + r - starts[g]].as_py()
+            value = value["bytes"] if isinstance(value, dict) else value
+            yield i, value if value is not None else ValueError(
+                f"no image (a null in column {cfg['image_column']!r})")
+
+
+def _tar_items(file: str, wanted, cfg):
+    """The wanted members of one tar, reading headers until the last of them is found."""
+    import tarfile
+    fs, path = storage.resolve(file)
+    names: dict[str, list[int]] = {}
+    for i, part in wanted:
+        names.setdefault(part, []).append(i)
+    with fs.open_input_file(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        for member in tar:
+            for i in names.pop(member.name, ()):
+                yield i, _guarded(lambda m: tar.extractfile(m).read(), member)
+            if not names:
+                break
 
 
 def preprocess(raw, resolution: int):
@@ -317,6 +414,8 @@ def decode_items(batch: dict, source: dict, resolution: int) -> dict:
             try:
                 if isinstance(raw, Exception):
                     raise raw
+                if label in LABEL_REJECTS:
+                    raise LookupError(LABEL_REJECTS[label])
                 image, reason = preprocess(raw, resolution), ""
             except Exception as e:
                 image, reason = blank, f"{type(e).__name__}: {e}"[:300]
