@@ -2,6 +2,7 @@
 `flowar evaluate` take like any training export.
 
     flowar import FlowAR-S.pth --model S --vae /models/kl16.ckpt --out ./flowar-S
+    flowar import s3://models/FlowAR-S.pth --model S --vae /models/kl16.ckpt --out s3://models/flowar-S
     flowar evaluate configs/eval-imagenet256-adm.yaml generation.checkpoint=./flowar-S \\
         reference.source=/data/adm_in256_stats.npz
 
@@ -10,16 +11,24 @@ The released files are raw state dicts of the published code; its training check
 used exactly once (flowar.load_published). The VAE is checked against the model (latent channels,
 and latent size = image size / VAE downsampling), then named with its weights' hash in the
 folder's latents.json, so sampling decodes with exactly that VAE and its normalisation.
+
+The checkpoint and --out are local paths or storage URIs (pipelines/core/storage.py): a remote
+checkpoint is downloaded into a temporary folder, a remote folder is written locally first and
+then uploaded. --vae is a local file or folder, or a hub id.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from flowar.config import ConfigError
+from pipelines.core import storage
 from pipelines.data.latents import LatentDatasetMeta, code_version
 
 
@@ -34,7 +43,7 @@ def _published_args(model: str, published_config: str) -> dict:
             raise ConfigError(f"--model {model!r}: released models are {', '.join(PUBLISHED_CONFIGS)}")
         return dict(PUBLISHED_CONFIGS[model])
     is_json = published_config.lstrip().startswith(("{", '"'))
-    text = published_config if is_json else Path(published_config).expanduser().read_text()
+    text = published_config if is_json else _read_config_file(published_config)
     try:
         args = json.loads(text)
     except json.JSONDecodeError as e:
@@ -44,24 +53,68 @@ def _published_args(model: str, published_config: str) -> dict:
     return args
 
 
+def _read_config_file(place: str) -> str:
+    try:
+        return storage.read_bytes(place).decode()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--published-config {place!r}: neither JSON nor a readable file ({e})") from None
+
+
 def run_import(checkpoint: str, out: str, vae: str, model: str = "", published_config: str = "",
                entry: str = "auto", overwrite: bool = False) -> dict:
     """Convert, check and write; returns a summary."""
     from flowar import load_published, read_published_file  # torch
 
     args = _published_args(model, published_config)
-    out_dir = Path(out).expanduser()
-    if (out_dir / "config.json").exists() and not overwrite:
-        raise ConfigError(f"--out {out}: already holds a model; pass --overwrite or choose another folder")
+    _check_out(out, overwrite)
     vae_path = Path(vae).expanduser()
     spec = str(vae_path.resolve()) if vae_path.exists() else vae  # a path stays valid from any cwd
     info = _vae_info(spec, vae)
-    flowar_model = load_published(read_published_file(checkpoint, entry), args)
+    with _local_checkpoint(checkpoint) as local:
+        flowar_model = load_published(read_published_file(local, entry), args)
     resolution = int(args.get("img_size", 256))
     _check_vae_fits(info, flowar_model.config, resolution, vae)
-    sampler = _write_export(flowar_model, out_dir, info, resolution, checkpoint, entry, args, model)
+    tmp = Path(tempfile.mkdtemp(prefix="flowar-import-")) if storage.is_uri(out) else None
+    try:  # a remote folder is written here first, then uploaded whole
+        sampler = _write_export(flowar_model, tmp or Path(out).expanduser(), info, resolution,
+                                checkpoint, entry, args, model)
+        if tmp:
+            storage.upload_dir(tmp, out)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     params = sum(p.numel() for p in flowar_model.parameters())
-    return {"out": str(out_dir), "parameters": params, "vae": spec, "sampler": sampler}
+    return {"out": storage.display(out), "parameters": params, "vae": spec, "sampler": sampler}
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """--out must be a place that can be opened, and hold no model unless --overwrite."""
+    try:
+        taken = storage.exists(storage.join(out, "config.json"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--out {out!r}: cannot open it ({e})") from None
+    if taken and not overwrite:
+        raise ConfigError(f"--out {out}: already holds a model; pass --overwrite or choose another folder")
+
+
+@contextlib.contextmanager
+def _local_checkpoint(checkpoint: str):
+    """The released file as a local path (a remote one downloaded for the block), its errors
+    naming the file as given; a missing local file is refused by read_published_file."""
+    if not storage.is_uri(checkpoint):
+        yield checkpoint
+        return
+    try:
+        found = storage.exists(checkpoint)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"published checkpoint {checkpoint!r}: cannot read it ({e})") from None
+    if not found:
+        raise ConfigError(f"published checkpoint {checkpoint!r} does not exist")
+    with storage.local_file(checkpoint) as local:
+        try:
+            yield str(local)
+        except ConfigError as e:  # read_published_file's reason, about the downloaded copy
+            raise ConfigError(str(e).replace(str(local), checkpoint)) from None
 
 
 def _vae_info(spec: str, vae: str):
@@ -94,7 +147,7 @@ def _write_export(flowar_model, out_dir: Path, info, resolution: int, checkpoint
     from flowar.vae import weights_sha256
 
     cfg = flowar_model.config
-    source = {"kind": "published", "checkpoint": str(Path(checkpoint).resolve()),
+    source = {"kind": "published", "checkpoint": storage.display(checkpoint),
               "sha256": weights_sha256(flowar_model), "entry": entry}  # of the weights, in memory
     sampler = PUBLISHED_SAMPLERS.get(model, {})
     flowar_model.save_pretrained(out_dir, extra={"imported": {**source, "published_config": args,
@@ -122,13 +175,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "import", help="a released FlowAR-S/L/H checkpoint -> a model folder for sample/evaluate",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="FlowAR-S/L/H.pth (raw state dict) or a published training checkpoint")
+    p.add_argument("checkpoint", help="FlowAR-S/L/H.pth (raw state dict) or a published training "
+                                      "checkpoint: a path or a URI")
     p.add_argument("--model", default="", help="S, L or H: the released model's constructor arguments")
     p.add_argument("--published-config", default="",
                    help="instead of --model: the published constructor's keyword arguments (JSON or a file)")
     p.add_argument("--vae", required=True,
                    help="the VAE of the model's latents: MAR's kl16.ckpt, a diffusers folder or a hub id")
-    p.add_argument("--out", required=True, help="model folder to write (config.json, model.safetensors, latents.json)")
+    p.add_argument("--out", required=True,
+                   help="model folder to write (config.json, model.safetensors, latents.json): a path or a URI")
     p.add_argument("--entry", default="auto",
                    help="training checkpoints only: which state dict to use (auto = model_ema, else model)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")

@@ -2,6 +2,10 @@
 
     flowar sample runs/export --classes 0,3,7 --per-class 8 --out samples.png --images-dir samples/
     flowar sample runs/export --classes 1 sampler.cfg=2.0 sampler.num_steps=50
+    flowar sample s3://bucket/run/export --out s3://bucket/samples/grid.png
+
+The model folder and the outputs are local paths or storage URIs (pipelines/core/storage.py): a
+remote model folder is downloaded into a temporary folder for the run.
 
 Each sample is defined like in `flowar evaluate`: sample j of class c has index c * per_class + j
 and its noise is seeded from (seed, index); with --per-class equal to the evaluation's
@@ -12,14 +16,16 @@ this process (no Ray): it is for looking at a few images, not for 50,000.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from flowar.config import ConfigError, SamplerConfig
+from pipelines.core import storage
 from pipelines.core.config import load_config
-from pipelines.evaluate.export import check_sampler_for_export, generator_spec, is_export
+from pipelines.evaluate.export import check_sampler_for_export, generator_spec
 
 __all__ = ["SampleConfig", "run_sample", "sample_images", "parse_classes", "register"]
 
@@ -27,13 +33,13 @@ __all__ = ["SampleConfig", "run_sample", "sample_images", "parse_classes", "regi
 @dataclass
 class SampleConfig:
     """What `flowar sample` makes and writes (its command line, typed)."""
-    checkpoint: str  # model folder written by save_pretrained (a training export)
+    checkpoint: str  # model folder written by save_pretrained (a training export), path or URI
     classes: list[int] | None = None  # None: every class of the model
     per_class: int = 8  # samples per class = images per grid row
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
-    out: str = "samples.png"  # the grid PNG
-    images_dir: str = ""  # also write each image as <dir>/class<c>_<index>.png
+    out: str = "samples.png"  # the grid PNG (path or URI)
+    images_dir: str = ""  # also write each image as <dir>/class<c>_<index>.png (path or URI)
     vae: str = ""  # override the VAE named by the checkpoint's latents.json
     batch_size: int = 32
     device: str = "auto"
@@ -64,11 +70,10 @@ def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sa
 
     from pipelines.evaluate.worker import EvalWorker  # torch
 
-    ckpt = Path(checkpoint).expanduser().resolve()
-    if not is_export(ckpt):
-        raise ConfigError(f"checkpoint {checkpoint!r} is not a save_pretrained folder (no config.json)")
-    gen = generator_spec(ckpt, sampler, vae=vae, seed=seed, samples_per_class=per_class)
-    worker = EvalWorker(None, gen, device)  # generator only: no Inception network needed
+    with local_export(checkpoint) as ckpt:  # the worker has loaded it when the block ends
+        check_sampler_for_export(str(ckpt), sampler)
+        gen = generator_spec(ckpt, sampler, vae=vae, seed=seed, samples_per_class=per_class)
+        worker = EvalWorker(None, gen, device)  # generator only: no Inception network needed
     num_classes = worker.model.config.num_classes
     classes = parse_classes(",".join(map(str, classes if classes is not None else range(num_classes))),
                             num_classes)
@@ -78,19 +83,55 @@ def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sa
     return np.concatenate(out), indices
 
 
+@contextlib.contextmanager
+def local_export(checkpoint: str):
+    """The model folder at `checkpoint` (a path or a URI) as a local folder: a remote one is
+    checked for config.json before anything is downloaded, then downloaded for the block."""
+    try:
+        found = storage.exists(storage.join(checkpoint, "config.json"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {checkpoint!r}: cannot read it ({e})") from None
+    if not found:
+        raise ConfigError(f"checkpoint {checkpoint!r} is not a save_pretrained folder (no config.json)")
+    with storage.local_dir(checkpoint) as local:
+        yield local
+
+
 def run_sample(cfg: SampleConfig) -> dict:
     """Make the samples and write the grid (and the files); returns where they went."""
-    from pipelines.core.images import image_grid, save_png  # torch
+    from pipelines.core.images import image_grid  # torch
 
+    for key, place in (("--out", cfg.out), ("--images-dir", cfg.images_dir)):
+        if place:
+            _check_output(key, place)
     images, indices = sample_images(cfg.checkpoint, cfg.classes, cfg.per_class, cfg.sampler, cfg.seed,
                                     cfg.batch_size, cfg.vae, cfg.device)
-    grid = save_png(image_grid(images, cfg.per_class), cfg.out)
+    grid = _write_png(image_grid(images, cfg.per_class), cfg.out)
     files = []
     if cfg.images_dir:
         for img, i in zip(images, indices):
-            files.append(save_png(img.transpose(1, 2, 0).copy(),
-                                  Path(cfg.images_dir) / f"class{i // cfg.per_class}_{i:06d}.png"))
+            files.append(_write_png(img.transpose(1, 2, 0).copy(), storage.join(
+                cfg.images_dir, f"class{i // cfg.per_class}_{i:06d}.png")))
     return {"grid": grid, "count": len(images), "files": files}
+
+
+def _check_output(key: str, place: str) -> None:
+    """An output place that cannot be opened (an unknown scheme, a malformed URI) is refused
+    before any sampling, not after it."""
+    try:
+        storage.resolve(place)
+    except ValueError as e:
+        raise ConfigError(f"{key} {place!r}: {e}") from None
+
+
+def _write_png(image, target: str) -> str:
+    """An (H, W, 3) uint8 array as a PNG at `target`, a path or a URI; returns how to show it."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    storage.write_bytes(target, buf.getvalue())
+    return storage.display(target)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,12 +141,13 @@ def run_sample(cfg: SampleConfig) -> dict:
 def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="PNG grid (and files) of samples of given classes",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="model folder written by save_pretrained (a training export)")
+    p.add_argument("checkpoint", help="model folder written by save_pretrained (a training export): "
+                                      "a path or a URI such as s3://bucket/run/export")
     p.add_argument("overrides", nargs="*", help="sampler.key=value, e.g. sampler.cfg=2.0 sampler.num_steps=50")
     p.add_argument("--classes", default="", help="comma-separated class indices (default: all)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class = images per grid row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", help="grid PNG path")
+    p.add_argument("--out", default="samples.png", help="grid PNG: a path or a URI")
     p.add_argument("--images-dir", default="", help="also write each image as <dir>/class<c>_<index>.png")
     p.add_argument("--config", default=None, help="YAML whose `sampler:` section is used (e.g. an eval config)")
     p.add_argument("--vae", default="", help="override the VAE named by the checkpoint's latents.json")
@@ -121,16 +163,19 @@ class _SamplerOnly:
 
 
 def _sampler(args) -> SamplerConfig:
-    """--config's `sampler:` section, then the sampler.* overrides, checked against the export."""
+    """--config's `sampler:` section, then the sampler.* overrides (checked against the export
+    when it is read, sample_images)."""
     base = None
     if args.config:
-        base = {"sampler": (yaml.safe_load(Path(args.config).read_text()) or {}).get("sampler", {})}
+        try:
+            text = storage.read_bytes(args.config).decode()  # a path or a URI
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--config {args.config!r}: cannot read it ({e})") from None
+        base = {"sampler": (yaml.safe_load(text) or {}).get("sampler", {})}
     bad = [o for o in args.overrides if not o.startswith("sampler.")]
     if bad:
         raise ConfigError(f"flowar sample takes only sampler.* overrides, got {bad}")
-    sampler = load_config(_SamplerOnly, None, args.overrides, base=base).sampler
-    check_sampler_for_export(args.checkpoint, sampler)
-    return sampler
+    return load_config(_SamplerOnly, None, args.overrides, base=base).sampler
 
 
 def _classes(text: str) -> list[int] | None:
@@ -150,5 +195,5 @@ def _cli(args) -> int:
     done = run_sample(cfg)
     print(f"wrote {done['count']} samples as {done['grid']}")
     if cfg.images_dir:
-        print(f"wrote {done['count']} files to {Path(cfg.images_dir)}")
+        print(f"wrote {done['count']} files to {storage.display(cfg.images_dir)}")
     return 0

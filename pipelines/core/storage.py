@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 __all__ = ["is_uri", "resolve", "join", "exists", "makedirs", "upload_dir", "download_dir",
-           "local_dir", "display"]
+           "local_dir", "local_file", "read_bytes", "write_bytes", "display"]
 
 # Schemes pyarrow.fs resolves itself; anything else is tried through fsspec.
 _PYARROW_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
@@ -158,6 +158,49 @@ def local_dir(uri: str | os.PathLike):
         yield download_dir(uri, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_file(uri: str | os.PathLike):
+    """A local copy of the file at `uri`, for readers that only open local files (torch.load).
+    Local paths are yielded as they are (missing ones too: the reader says what is wrong);
+    a remote file is downloaded into a temporary directory removed afterwards."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(uri):
+        yield Path(_local_path(uri))
+        return
+    src_fs, src_path = resolve(uri)
+    if src_fs.get_file_info(src_path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{os.fspath(uri)!r} is not a file")
+    tmp = tempfile.mkdtemp(prefix="flowar-dl-")
+    try:
+        dst = Path(tmp) / posixpath.basename(src_path)  # keeps the suffix readers go by
+        pafs.copy_files(src_path, str(dst), source_filesystem=src_fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        yield dst
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole file at `uri` (small files: configs, JSON)."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
+    """Write `data` as the file `uri`, creating a local file's folder (object stores have no
+    folders to create); returns `uri` as a string."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    return os.fspath(uri)
 
 
 def display(uri: str | os.PathLike) -> str:
