@@ -67,6 +67,7 @@ def run_import(checkpoint: str, out: str, vae: str, model: str = "", published_c
 
     args = _published_args(model, published_config)
     _check_out(out, overwrite)
+    _check_checkpoint(checkpoint)
     vae_path = Path(vae).expanduser()
     spec = str(vae_path.resolve()) if vae_path.exists() else vae  # a path stays valid from any cwd
     info = _vae_info(spec, vae)
@@ -97,19 +98,23 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {out}: already holds a model; pass --overwrite or choose another folder")
 
 
-@contextlib.contextmanager
-def _local_checkpoint(checkpoint: str):
-    """The released file as a local path (a remote one downloaded for the block), its errors
-    naming the file as given; a missing local file is refused by read_published_file."""
-    if not storage.is_uri(checkpoint):
-        yield checkpoint
-        return
+def _check_checkpoint(checkpoint: str) -> None:
+    """The released file must exist: asked before the VAE is loaded or anything downloaded."""
     try:
         found = storage.exists(checkpoint)
     except (OSError, ValueError) as e:
         raise ConfigError(f"published checkpoint {checkpoint!r}: cannot read it ({e})") from None
     if not found:
         raise ConfigError(f"published checkpoint {checkpoint!r} does not exist")
+
+
+@contextlib.contextmanager
+def _local_checkpoint(checkpoint: str):
+    """The released file as a local path (a remote one downloaded for the block), its errors
+    naming the file as given."""
+    if not storage.is_uri(checkpoint):
+        yield checkpoint
+        return
     with storage.local_file(checkpoint) as local:
         try:
             yield str(local)

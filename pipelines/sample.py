@@ -148,7 +148,8 @@ def register(subparsers) -> None:
     p.add_argument("--per-class", type=int, default=8, help="samples per class = images per grid row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="grid PNG: a path or a URI")
-    p.add_argument("--images-dir", default="", help="also write each image as <dir>/class<c>_<index>.png")
+    p.add_argument("--images-dir", default="",
+                   help="also write each image as <dir>/class<c>_<index>.png (a path or a URI)")
     p.add_argument("--config", default=None, help="YAML whose `sampler:` section is used (e.g. an eval config)")
     p.add_argument("--vae", default="", help="override the VAE named by the checkpoint's latents.json")
     p.add_argument("--batch-size", type=int, default=32)

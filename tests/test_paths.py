@@ -131,3 +131,38 @@ def test_print_config_shows_the_resolved_paths(user_dir, capsys):
     assert printed["data"]["path"] == str(user_dir / "lat")
     assert printed["mlflow"]["tracking_uri"] == f"sqlite:///{user_dir / 'flowar-runs' / 'mlflow.db'}"
     assert printed["ray"]["storage_path"] == str(user_dir / "flowar-runs" / "ray_results")
+
+
+def test_storage_reads_and_writes_local_paths_like_uris(user_dir):
+    """The byte helpers `flowar sample` and `flowar import` write through: relative paths are the
+    user's directory's, a local file's folders are made, file:// is a local path, and a local
+    file is read in place (no copy)."""
+    from pipelines.core import storage
+
+    assert storage.write_bytes("out/deep/grid.png", b"png") == "out/deep/grid.png"
+    assert (user_dir / "out" / "deep" / "grid.png").read_bytes() == b"png"
+    assert storage.read_bytes(f"file://{user_dir}/out/deep/grid.png") == b"png"
+    assert storage.display("out/deep") == str(user_dir / "out" / "deep")
+    assert storage.join("s3://b/run/", "export", "config.json") == "s3://b/run/export/config.json"
+    with storage.local_file("out/deep/grid.png") as local:
+        assert local == user_dir / "out" / "deep" / "grid.png"
+    assert local.is_file()  # a local file is never removed with the block
+
+
+def test_sample_and_import_refuse_unknown_schemes_before_work(user_dir, capsys):
+    """A place no filesystem can open is refused with its flag named, before a model is read."""
+    from flowar.config import ConfigError
+    from pipelines.cli import main
+    from pipelines.import_published import run_import
+
+    assert main(["sample", "nosuch://bucket/export", "--out", "g.png"]) == 2
+    assert "checkpoint 'nosuch://bucket/export'" in capsys.readouterr().err
+    (user_dir / "export").mkdir()
+    (user_dir / "export" / "config.json").write_text("{}")
+    assert main(["sample", "export", "--out", "nosuch://bucket/g.png"]) == 2
+    assert "--out 'nosuch://bucket/g.png'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--out 'nosuch://b/m': cannot open it"):
+        run_import("FlowAR-S.pth", "nosuch://b/m", "unused-vae", model="S")
+    with pytest.raises(ConfigError, match="published checkpoint 'nosuch://b/FlowAR-S.pth'"):
+        run_import("nosuch://b/FlowAR-S.pth", "m", "unused-vae", model="S")
+    assert not (user_dir / "m").exists() and not (user_dir / "g.png").exists()
