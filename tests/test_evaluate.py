@@ -4,7 +4,6 @@ diffusers VAE, real Fashion-MNIST reference images and a real MLflow store; and 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -82,36 +81,55 @@ def runs(ray_local, export, tmp_path_factory):
 
 
 def _images(report):
-    from pipelines.evaluate.shards import summarise_shards
+    """The saved images of an evaluation, read back shard by shard from its output folder."""
+    from pipelines.evaluate.outputs import Folder
+    from pipelines.evaluate.shards import shard_images
 
-    files = sorted((os.path.join(report["output_dir"], "shards", f))
-                   for f in os.listdir(os.path.join(report["output_dir"], "shards")) if f.endswith(".npz"))
-    return summarise_shards(files)
+    return np.concatenate([images for _, images in shard_images(Folder(report["output_dir"]).child("shards"))])
+
+
+def _stats(report):
+    """The generated statistics, folded from the shard files in index order."""
+    from pipelines.evaluate.fold import InOrder, Summary
+    from pipelines.evaluate.outputs import Folder
+    from pipelines.evaluate.shards import index_shards, shard_name
+
+    shards, folder, summary = index_shards(12, 4), Folder(report["output_dir"]).child("shards"), Summary()
+    fold = InOrder(shards, lambda s: folder.open_npz(shard_name(*s)), summary)
+    for s in reversed(shards):  # arriving last-first: every shard waits in its file
+        fold.arrived(s)
+    return summary.result()["stats"]
 
 
 def test_images_identical_with_1_and_2_workers(runs):
     one, two = _images(runs["one"]), _images(runs["two"])
     assert runs["one"]["workers"]["count"] == 1 and runs["two"]["workers"]["count"] == 2
-    assert one["images"].shape == (12, 3, 8, 8) and one["images"].dtype == np.uint8
-    assert len({im.tobytes() for im in one["images"]}) == 12  # every index has its own noise
-    np.testing.assert_array_equal(one["images"], two["images"])
-    np.testing.assert_array_equal(one["stats"].sum, two["stats"].sum)
+    assert one.shape == (12, 3, 8, 8) and one.dtype == np.uint8
+    assert len({im.tobytes() for im in one}) == 12  # every index has its own noise
+    np.testing.assert_array_equal(one, two)
+    # The running sums of the two evaluations (arrival orders differ) are bit-equal, and equal
+    # to the same shards folded from disk in reverse arrival.
+    s1, s2 = _stats(runs["one"]), _stats(runs["two"])
+    np.testing.assert_array_equal(s1.sum, s2.sum)
+    np.testing.assert_array_equal(s1.outer, s2.outer)
     r1, r2 = runs["one"]["results"], runs["two"]["results"]
     assert np.isfinite(r1["fid"]) and r1["fid"] > 0
     for k in ("fid", "kid", "precision", "recall"):
-        assert r1[k] == pytest.approx(r2[k], abs=1e-9), k
+        assert r1[k] == r2[k], k  # bit-equal: shards are added in index order at any worker count
 
 
 def test_resumed_evaluation_skips_finished_shards(runs):
     resumed, two = runs["resumed"], runs["two"]
-    assert two["shards"] == {"total": 3, "resumed": 0, "computed": 3}
-    assert resumed["shards"] == {"total": 3, "resumed": 2, "computed": 1}
+    counts = ("total", "resumed", "computed")
+    assert {k: two["shards"][k] for k in counts} == {"total": 3, "resumed": 0, "computed": 3}
+    assert {k: resumed["shards"][k] for k in counts} == {"total": 3, "resumed": 2, "computed": 1}
+    assert sum(resumed["shards"]["by_node"].values()) == 1
     assert resumed["throughput"]["images"] == 4  # only the lost shard's samples were made again
     shard_dir = runs["tmp"] / "two" / "shards"
     for name, mtime in runs["mtimes"].items():
         if name != runs["lost"]:
             assert (shard_dir / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
-    assert resumed["results"]["fid"] == pytest.approx(two["results"]["fid"], abs=1e-9)
+    assert resumed["results"]["fid"] == two["results"]["fid"]
     assert resumed["reference"]["cached"] is True  # reference stats came from the cache
 
 
@@ -149,7 +167,7 @@ def test_sample_cli_writes_grid_and_files_of_the_evaluated_samples(runs, export,
     assert Image.open(out).size == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 grid of 8px images, 2px gaps
     written = sorted(files.iterdir())
     assert [p.name for p in written] == [f"class{i // 2}_{i:06d}.png" for i in range(4)]
-    evaluated = _images(runs["one"])["images"][:4]  # indices 0-3 = classes 0, 1 (2 per class)
+    evaluated = _images(runs["one"])[:4]  # indices 0-3 = classes 0, 1 (2 per class)
     for p, ref in zip(written, evaluated):
         got = np.asarray(Image.open(p)).transpose(2, 0, 1).astype(int)
         assert np.abs(got - ref.astype(int)).max() <= 1
@@ -170,9 +188,16 @@ def test_bad_inputs_fail_before_work(runs, export, tmp_path):
         load_config(EvalConfig, None, BASE + ["generation.checkpoint=x", "generation.nope=1"])
     changed = load_config(EvalConfig, None, BASE + [
         f"generation.checkpoint={export / 'model'}", "generation.seed=1", f"output_dir={runs['tmp'] / 'one'}", f"mlflow.tracking_uri={runs['uri']}",
-        f"inception.weights={runs['tmp'] / 'cache' / CONVERTED_FILE}"])
+        f"inception.weights={runs['one']['extractor']['weights']}"])  # the file the workers found
     with pytest.raises(ConfigError, match="differs in: seed"):
         run_evaluate(changed)
+    # Weights that the workers' node does not have: refused as the workers start, before work.
+    missing = load_config(EvalConfig, None, BASE + [
+        f"generation.checkpoint={export / 'model'}", f"output_dir={tmp_path / 'out'}",
+        f"inception.weights={tmp_path / CONVERTED_FILE}"])
+    with pytest.raises(ConfigError, match=r"inception\.weights=.*does not exist on"):
+        run_evaluate(missing)
+    assert not (tmp_path / "out").exists()
     for source in ("/nonexistent/ref.npz", str(tmp_path)):  # missing file; folder without images
         bad_ref = load_config(EvalConfig, None, BASE + [
             f"generation.checkpoint={export / 'model'}", f"reference.source={source}",

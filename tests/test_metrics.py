@@ -56,12 +56,13 @@ def image_sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(weights, image_sets):
     """Our worker's statistics, features and logits of both sets (one shard each)."""
-    from pipelines.data.sources import parse_reference_source
+    from pipelines.evaluate.reference import range_call, reference_spec
     from pipelines.evaluate.worker import EvalWorker
 
     worker = EvalWorker({"weights": str(weights["with_logits"])}, None, "cpu")
     assert worker.inception.has_logits
-    out = [worker.run_shard(0, N_PER_SET, 64, True, source=parse_reference_source(str(d)), resolution=32)
+    out = [worker.run_shard(0, N_PER_SET, 8, keep=range(N_PER_SET), keep_logits=True,
+                            source=range_call(reference_spec(str(d)), 0, N_PER_SET), resolution=32)
            for d in image_sets]
     return out
 

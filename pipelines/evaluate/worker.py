@@ -10,7 +10,11 @@ there are, and any shard can be recomputed alone.
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
+import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,10 +23,11 @@ from safetensors.torch import load_file
 from flowar import vae as flowar_vae
 from flowar.config import SamplerConfig, from_dict
 from flowar.model import FlowAR
+from pipelines.core import storage
 from pipelines.core.images import to_uint8
-from pipelines.data.sources import load_reference_images
 from pipelines.evaluate.inception import InceptionFeatures
 from pipelines.evaluate.metrics import FeatureStats
+from pipelines.evaluate.reference import read_range
 
 # ------------------------------------------------------------------------------------------------
 # Per-sample noise and decoding
@@ -82,7 +87,9 @@ class EvalWorker:
     """Holds the Inception network, and the generator + VAE when evaluating a model.
 
     `generator` is pipelines.evaluate.export.generator_spec's dict; `inception` holds `weights`
-    (a file, resolved on the driver) and `allow_download`."""
+    (inception.weights as configured: empty, a file or a URI) and `allow_download`. Each worker
+    finds the weights on its own node (pipelines.evaluate.inception.resolve_weights: its cache,
+    the offline copy or a download), so no node needs a file that only the driver has."""
 
     def __init__(self, inception: dict | None, generator: dict | None = None, device: str = "auto"):
         if device == "auto":
@@ -98,13 +105,19 @@ class EvalWorker:
             self._load_generator(generator)
 
     def _load_generator(self, spec: dict):
-        self.model = FlowAR.from_pretrained(spec["checkpoint"]).to(self.device).eval()
-        if spec.get("ema_file"):
-            self.model.load_state_dict(load_file(spec["ema_file"], device=str(self.device)), strict=True)
+        # A checkpoint URI is downloaded by each worker for itself (removed once loaded).
+        with storage.local_dir(spec["checkpoint"]) as folder:
+            self.model = FlowAR.from_pretrained(folder).to(self.device).eval()
+            if spec.get("ema_file"):
+                ema = Path(folder) / posixpath.basename(spec["ema_file"])
+                self.model.load_state_dict(load_file(str(ema), device=str(self.device)), strict=True)
         self.vae, self.decode = load_vae(spec["vae"], self.device)
 
     def extractor_info(self) -> dict:
-        return {**dataclasses.asdict(self.inception.info), "id": self.inception.info.id}
+        """The extractor this worker resolved (weights path, digest, logits) and where it runs."""
+        info = self.inception.info
+        return {**dataclasses.asdict(info), "id": info.id, "node_id": _node_id(),
+                "hostname": socket.gethostname(), "pid": os.getpid()}
 
     # --- images --------------------------------------------------------------------------------
     def generate(self, indices: list[int]) -> torch.Tensor:
@@ -124,20 +137,21 @@ class EvalWorker:
         return as_rgb(to_uint8(self.decode(z)))
 
     def load_source(self, source: dict, start: int, end: int, resolution: int) -> torch.Tensor:
-        """uint8 (B,3,res,res) images start..end of a reference source
-        (pipelines.data.sources.parse_reference_source's spec; the encode job's preprocessing)."""
-        pixels = load_reference_images(source, start, end, resolution)
+        """uint8 (B,3,res,res) reference images start..end (`source`: what
+        pipelines.evaluate.reference.range_call gives for this shard; the encode job's preprocessing)."""
+        pixels = read_range(source, start, end, resolution)
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
     # --- one shard ----------------------------------------------------------------------------
-    def run_shard(self, start: int, end: int, batch_size: int, keep_features: bool,
+    def run_shard(self, start: int, end: int, batch_size: int, keep=(), keep_logits: bool = False,
                   keep_images: bool = False, grid_indices=(), source: dict | None = None,
                   resolution: int = 0) -> dict:
-        """Stats (+ features, logits, images, grid images) of samples [start, end), in fixed
-        batches from `start`: generated, or read from `source` when one is given."""
+        """Stats of samples [start, end) (+ the features of the indices in `keep`, the logits,
+        the images, the grid images), in fixed batches from `start`: generated, or read from
+        `source` (a range_call) when one is given."""
         t0 = time.perf_counter()
-        wanted = set(grid_indices)
-        feats, logits, images, grid = [], [], [], {}
+        keep, wanted = set(keep), set(grid_indices)
+        stats, kept, logits, images, grid = None, {}, [], [], {}
         image_s = feature_s = 0.0
         for b0 in range(start, end, batch_size):
             idx = list(range(b0, min(b0 + batch_size, end)))
@@ -147,26 +161,31 @@ class EvalWorker:
             f, lg = self.inception(x)
             feature_s += time.perf_counter() - t1
             image_s += t1 - t
-            feats.append(f)
-            if lg is not None:
+            # Added batch by batch in a fixed order: the shard's sums do not depend on the worker.
+            stats = FeatureStats.of(f) if stats is None else stats.add_(FeatureStats.of(f))
+            kept.update({i: f[j] for j, i in enumerate(idx) if i in keep})
+            if keep_logits and lg is not None:
                 logits.append(lg)
             if keep_images:
                 images.append(x.cpu().numpy())
             grid.update({i: x[j].cpu().numpy() for j, i in enumerate(idx) if i in wanted})
         timing = {"image_seconds": image_s, "feature_seconds": feature_s,
                   "seconds": time.perf_counter() - t0}
-        return shard_result(start, end, int(x.shape[-1]), timing, np.concatenate(feats), logits,
-                            images if keep_images else None, grid, keep_features)
+        return shard_result(start, end, int(x.shape[-1]), timing, stats, kept,
+                            logits, images if keep_images else None, grid)
 
 
-def shard_result(start: int, end: int, resolution: int, timing: dict, features: np.ndarray,
-                 logits: list, images: list | None, grid: dict, keep_features: bool) -> dict:
+def shard_result(start: int, end: int, resolution: int, timing: dict, stats: FeatureStats,
+                 kept: dict, logits: list, images: list | None, grid: dict) -> dict:
     """One shard's arrays as the driver saves them (one .npz): mergeable stats, the index range,
-    timings, and features / logits / images / grid images when there are any."""
-    out = {**FeatureStats.of(features).to_arrays(), "start": start, "end": end, **timing,
-           "resolution": resolution}
-    if keep_features:
-        out["features"] = features.astype(np.float32)
+    timings, where it ran, and the kept features (with their indices) / logits / images / grid
+    images when there are any."""
+    out = {**stats.to_arrays(), "start": start, "end": end, **timing, "resolution": resolution,
+           "node_id": np.array(_node_id())}
+    order = sorted(kept)
+    out["feature_idx"] = np.array(order, np.int64)
+    out["features"] = (np.stack([kept[i] for i in order]) if order
+                       else np.zeros((0, stats.sum.shape[0]))).astype(np.float32)
     if logits:
         out["logits"] = np.concatenate(logits).astype(np.float32)
     if images is not None:
@@ -175,3 +194,13 @@ def shard_result(start: int, end: int, resolution: int, timing: dict, features: 
         out["grid_idx"] = np.array(sorted(grid), np.int64)
         out["grid_images"] = np.stack([grid[i] for i in sorted(grid)])
     return out
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 (no runtime context: not in Ray)
+        return ""
