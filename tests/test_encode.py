@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -231,7 +232,7 @@ def test_flowar_encode_webdataset_with_corrupt_members(tmp_path, ray_local, tiny
     assert "truncated" in rejects["a/truncated"]["reason"].lower()
     assert rejects["a/nolabel"]["reason"].startswith("LookupError: no label")
     assert rejects["a/badlabel"]["reason"].startswith("LookupError: unreadable label")
-    assert rejects["b/cut"]["source"].endswith("b.tar#b/cut.png")
+    assert re.search(r"/b\.tar#b/cut\.png@\d+\+\d+$", rejects["b/cut"]["source"])  # where its bytes are
     data = TorchLatentDataset(str(out), random_flip=False)
     assert dict(zip(data.keys, data.labels.tolist())) == {"a/0": 0, "a/1": 2, "a/jpg": 1, "b/0": 3, "b/1": 0}
     meta = LatentDataset(str(out)).meta

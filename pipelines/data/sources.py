@@ -9,7 +9,9 @@ decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
   a label column and optionally a key column; listing reads the label/key columns, decoding a
   shard reads the image column of the row groups its rows fall in, no others;
 - `webdataset`: .tar shards with `<key>.<jpg|png|webp|...>` plus `<key>.cls` (or .json "label");
-  listing reads member headers and label members only, several tars at a time (`_list_webdataset`);
+  listing reads member headers and label members only, several tars at a time (`_list_webdataset`),
+  and each ref keeps its member's offset and size, so decoding a shard reads its images in a few
+  ranged reads (`tar_items`);
 - `fashion-mnist`: the bundled data set's IDX files (pipelines.data.bundled: Debian's package,
   else torchvision's download), 28x28 grey padded to 32x32.
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -41,6 +42,8 @@ from flowar.config import ConfigError
 from pipelines.core import storage
 from pipelines.core.config import path_field
 from pipelines.data.bundled import MissingData, fashion_mnist_file
+from pipelines.data.shards import (BAD_LABEL, IMAGE_EXTS, NO_LABEL, guarded, list_tar, parquet_items,
+                                   tar_items)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,10 +51,8 @@ if TYPE_CHECKING:
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 # The image files a source takes (compared lower-case): WebDataset members, evaluation folders.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 PARQUET_SUFFIX = ".parquet"
-# Labels that listing cannot give; decode_items turns them into rejects with these reasons.
-NO_LABEL, BAD_LABEL = -1, -2
+# Labels that listing cannot give (pipelines.data.shards); decode_items rejects them, saying why.
 LABEL_REJECTS = {NO_LABEL: "no label (no .cls/.json member for this key, or a null label column)",
                  BAD_LABEL: "unreadable label (a .cls that is not a non-negative integer, "
                             "or a .json without an integer \"label\")"}
@@ -177,47 +178,9 @@ def _list_webdataset(cfg):
     fs, _, files, prefix = _files(cfg.path, "WebDataset .tar shard directory")
     tars = [f.path for f in files if f.base_name.endswith(".tar")]
     with ThreadPoolExecutor(max_workers=max(1, min(LIST_THREADS, len(tars)))) as pool:
-        listed = list(pool.map(lambda path: _list_tar(fs, path, prefix), tars))
+        listed = list(pool.map(lambda path: list_tar(fs, path, prefix), tars))
     items = [item for tar_items in listed for item in tar_items]
     return items, _class_names(y for _, y, _ in items)
-
-
-def _list_tar(fs, path: str, prefix: str) -> list[tuple[str, int, str]]:
-    """One tar's (key, label, ref) per image member. Keys are grouped within the tar (a key in
-    two tars is two images: list_items then refuses the duplicate key)."""
-    import sys
-    import tarfile
-    groups: dict[str, dict] = {}
-    # "r:", not "r:*": probing for compression would read 16 KiB of every tar.
-    with fs.open_input_file(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        try:
-            for member in tar:  # tarfile seeks past each member's data: only headers are read
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                group = groups.setdefault(member.name[: len(member.name) - len(base)] + key, {})
-                if ext.lower() in IMAGE_EXTS:
-                    group["ref"] = f"{prefix}{path}#{member.name}"
-                elif ext in ("cls", "json"):
-                    group["label"] = _tar_label(tar, member, ext)
-        except tarfile.ReadError as e:  # cut short: what is listed stays, the rest is gone
-            print(f"flowar: WebDataset shard {prefix}{path}: {e} after {len(groups)} keys; "
-                  "the images listed before are kept", file=sys.stderr)
-    return [(key, g.get("label", NO_LABEL), g["ref"]) for key, g in groups.items() if "ref" in g]
-
-
-def _tar_label(tar, member, ext: str) -> int:
-    """A .cls member's integer, or a .json member's "label"; BAD_LABEL when it is neither."""
-    try:
-        text = tar.extractfile(member).read().decode()
-        label = json.loads(text)["label"] if ext == "json" else text.strip()
-        if isinstance(label, bool):
-            return BAD_LABEL
-        label = int(label)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
-        return BAD_LABEL
-    return label if label >= 0 else BAD_LABEL
 
 
 def _fashion_mnist_file(cfg, what: str) -> str:
@@ -295,11 +258,11 @@ def _read_raw(kind: str, refs: list[str], cfg: dict) -> list:
     by_file: dict[str, list[tuple[int, str]]] = {}
     for i, ref in enumerate(refs):
         if kind == "folder":
-            out[i] = _guarded(_read_file, ref)
+            out[i] = guarded(_read_file, ref)
         else:
             file, _, part = ref.rpartition("#")
             by_file.setdefault(file, []).append((i, part))
-    reader = {"fashion-mnist": _idx_items, "parquet": _parquet_items, "webdataset": _tar_items}.get(kind)
+    reader = {"fashion-mnist": _idx_items, "parquet": parquet_items, "webdataset": tar_items}.get(kind)
     for file, wanted in by_file.items():
         try:
             for i, value in reader(file, wanted, cfg):
@@ -308,14 +271,6 @@ def _read_raw(kind: str, refs: list[str], cfg: dict) -> list:
             for i, _ in wanted:
                 out[i] = out[i] if out[i] is not None else e
     return [FileNotFoundError("not found in its shard") if v is None else v for v in out]
-
-
-def _guarded(fn, *args):
-    """fn(*args), or the exception it raised (an unreadable item is a reject, never a dead job)."""
-    try:
-        return fn(*args)
-    except Exception as e:
-        return e
 
 
 def _read_file(ref: str) -> bytes:
@@ -331,56 +286,7 @@ def _idx_items(file: str, wanted, cfg):
     import numpy as np
     images = read_idx(file)
     for i, part in wanted:
-        yield i, _guarded(lambda row: np.array(images[int(row)]), part)
-
-
-def _parquet_items(file: str, wanted, cfg):
-    """The image of each wanted row, reading only the row groups those rows fall in (a
-    1,000-image shard of a file of many row groups reads its own one or two)."""
-    import bisect
-
-    import pyarrow.parquet as pq
-    fs, path = storage.resolve(file)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        starts = [0]
-        for g in range(pf.metadata.num_row_groups):
-            starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
-        rows = {}
-        for i, part in wanted:
-            row = _guarded(int, part)
-            if isinstance(row, int) and not 0 <= row < starts[-1]:
-                row = IndexError(f"row {row} is not in {file} ({starts[-1]} rows)")
-            if isinstance(row, Exception):
-                yield i, row
-            else:
-                rows[i] = row
-        groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows.values()})
-        column = pf.read_row_groups(groups, columns=[cfg["image_column"]]).column(0)
-        offset, base = 0, {}
-        for g in groups:  # where each group's rows begin in the table read
-            base[g], offset = offset, offset + starts[g + 1] - starts[g]
-        for i, r in rows.items():
-            g = bisect.bisect_right(starts, r) - 1
-            value = column[base[g] + r - starts[g]].as_py()
-            value = value["bytes"] if isinstance(value, dict) else value
-            yield i, value if value is not None else ValueError(
-                f"no image (a null in column {cfg['image_column']!r})")
-
-
-def _tar_items(file: str, wanted, cfg):
-    """The wanted members of one tar, reading headers until the last of them is found."""
-    import tarfile
-    fs, path = storage.resolve(file)
-    names: dict[str, list[int]] = {}
-    for i, part in wanted:
-        names.setdefault(part, []).append(i)
-    with fs.open_input_file(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        for member in tar:
-            for i in names.pop(member.name, ()):
-                yield i, _guarded(lambda m: tar.extractfile(m).read(), member)
-            if not names:
-                break
+        yield i, guarded(lambda row: np.array(images[int(row)]), part)
 
 
 def preprocess(raw, resolution: int):
