@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
-# The image files a source takes (compared lower-case): WebDataset members, evaluation folders.
 PARQUET_SUFFIX = ".parquet"
 # Labels that listing cannot give (pipelines.data.shards); decode_items rejects them, saying why.
 LABEL_REJECTS = {NO_LABEL: "no label (no .cls/.json member for this key, or a null label column)",
