@@ -161,3 +161,19 @@ def test_output_folder_at_a_uri_writes_and_reads_whole_files():
         assert z["a"].tolist() == [0, 1, 2, 3]
     shards.remove()
     assert shards.names() == set()
+
+
+def test_reference_statistics_at_a_uri(tmp_path):
+    import uuid
+
+    from pipelines.evaluate.metrics import FeatureStats, load_reference_npz, save_reference
+    from pipelines.evaluate.outputs import Folder
+
+    stats = FeatureStats.of(np.random.default_rng(2).standard_normal((9, 4)))
+    save_reference(tmp_path / "ref.npz", stats)
+    remote = Folder(f"memory://flowar-eval-{uuid.uuid4().hex}")
+    remote.put_file(tmp_path / "ref.npz", "ref.npz")
+    mu, sigma = load_reference_npz(f"{remote.uri}/ref.npz")
+    np.testing.assert_allclose(sigma, stats.mu_sigma()[1])
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_reference_npz(f"{remote.uri}/missing.npz")

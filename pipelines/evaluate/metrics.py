@@ -21,6 +21,8 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from pipelines.core import storage
+
 
 @dataclass
 class FeatureStats:
@@ -210,20 +212,28 @@ def requested_metrics(m, generated: dict, reference: dict) -> dict[str, float | 
 
 def load_reference_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an ADM-style reference file (`mu`, `sigma`; e.g. VIRTUAL_imagenet256_labeled.npz,
-    MAR's adm_in256_stats.npz) or one written by `save_reference`."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"reference statistics {str(p)!r} do not exist")
+    MAR's adm_in256_stats.npz) or one written by `save_reference`; a local path or a storage URI."""
+    if storage.is_uri(path):
+        if not storage.exists(path):
+            raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
+        with storage.local_file(path) as local:
+            return _reference_arrays(local, str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
+    return _reference_arrays(Path(path), str(path))
+
+
+def _reference_arrays(p: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(p) as z:
         if "mu" in z and "sigma" in z:
             mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
         elif "count" in z:
             return FeatureStats.from_arrays(z).mu_sigma()
         else:
-            raise ValueError(f"{p}: no 'mu'/'sigma' arrays (has {sorted(z.files)}); expected an "
+            raise ValueError(f"{name}: no 'mu'/'sigma' arrays (has {sorted(z.files)}); expected an "
                              "ADM-style reference batch .npz")
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{p}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+        raise ValueError(f"{name}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     return mu, sigma
 
 
