@@ -94,11 +94,14 @@ def test_unconditional_and_cfg_one_generation_work():
     unconditional = model.generate(None, num_steps=4, cfg=3.0, num_samples=3)
     assert unconditional.shape == (3, 4, 8, 8)
     y = torch.tensor([2, 5])
-    noise = [torch.randn(2, s * s, 4) for s in model.config.scales]
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(2, s * s, 4, generator=g) for s in model.config.scales]
     a = model.generate(y, num_steps=4, cfg=1.0, noise=noise)
-    # cfg=1 needs no unconditional half: equal to guidance switched off by its interval
+    # cfg=1 needs no unconditional half: equal to guidance switched off by its interval. Equal up
+    # to float32 rounding: b runs the conditional rows in a batch of 4 (with the unconditional
+    # half), a in a batch of 2, and the GEMMs block differently (seen: 1.4e-5 after 4 steps).
     b = model.generate(y, noise=noise, sampler=SamplerConfig(num_steps=4, cfg=3.0, guidance_high=0.0))
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, model.generate(y, num_steps=4, cfg=3.0, guidance_high=1.0, noise=noise))
 
 
