@@ -226,6 +226,7 @@ def _tiny_vae(path) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_encode_train_evaluate_sample_with_every_path_in_a_bucket(s3_server, tmp_path):
     root = make_bucket(s3_server, "flowar")
     with pytest.MonkeyPatch.context() as mp:  # this process writes the reference images
