@@ -258,6 +258,7 @@ def test_encode_train_evaluate_sample_with_every_path_in_a_bucket(s3_server, tmp
     for c in checkpoints:
         assert {f"{run}/{c}/state.json", f"{run}/{c}/model.safetensors"} <= keys
     assert not (tmp_path / "home" / "ray_results").exists()  # nothing went to local storage
+    assert f"run dir {root}/{run}\n" in done.stdout  # the scheme kept (Ray's result.path drops it)
     assert (tmp_path / "home" / "mlflow.db").is_file()  # the tracking store stays local
     # sample: the grid and the files
     assert stages.get("sample") == 0, log

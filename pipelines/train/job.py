@@ -193,7 +193,9 @@ def _cli(args) -> int:
         return 1
     m = result.metrics or {}
     print(f"flowar train: done at step {m.get('step')} (loss {m.get('loss', float('nan')):.4f}); "
-          f"EMA model exported to {m.get('export_dir')}; run dir {result.path}")
+          f"EMA model exported to {m.get('export_dir')}; run dir "
+          # not result.path: Ray drops the scheme of an object-store storage path (s3://...)
+          f"{cfg.ray.resolved_storage_path().rstrip('/')}/{run_name(cfg)}")
     return 0
 
 
