@@ -137,7 +137,7 @@ def throughput(a, out: Path) -> None:
         source = ["source.kind=fashion-mnist", f"source.limit={a.images}"]
     results = {}
     for rep in range(a.repeats):
-        for n in a.actors:
+        for n in (a.actors if rep % 2 == 0 else a.actors[::-1]):  # alternate: load drifts
             name = f"{a.vae}-{a.resolution}px-{a.images}img-b{a.batch_size}-s{a.shard_size}-flip{int(a.flip)}-a{n}-r{rep}"
             path = out / f"{name}.json"
             if a.fresh or not path.exists():
@@ -148,7 +148,7 @@ def throughput(a, out: Path) -> None:
           f"batch {a.batch_size}, shards of {a.shard_size}, {os.cpu_count()} cores, CPU only\n")
     print("| repeat | actors | seconds | images/s | steady images/s | load before / after |")
     print("|---|---:|---:|---:|---:|---|")
-    for (rep, n), s in results.items():
+    for (rep, n), s in sorted(results.items()):
         steady = f"{s['steady_images_per_s']:.3f}" if s["steady_images_per_s"] else "-"
         print(f"| {rep} | {n} | {s['seconds']:.1f} | {s['images_per_s']:.3f} | {steady} | "
               f"{s['load1_before']:.2f} / {s['load1_after']:.2f} |")
