@@ -62,7 +62,10 @@ def build(published, name: str, **extra):
     """(published model, our model, constructor args), the same weights in both."""
     from flowar.published import PUBLISHED_CONFIGS, load_published
 
-    args = {**(CONFIGS[name]["args"] or PUBLISHED_CONFIGS[name]), **extra}
+    # Dropout as the published training sets it (main_flowar.py: 0.1 each); its constructor's
+    # own default is 0, load_published's 0.1: named here so both models train alike.
+    args = {**(CONFIGS[name]["args"] or PUBLISHED_CONFIGS[name]), "attn_dropout": 0.1,
+            "proj_dropout": 0.1, **extra}
     torch.manual_seed(0)
     theirs = published.FlowAR(img_size=256, vae_stride=16, **args)
     ours = load_published(theirs.state_dict(), {"img_size": 256, "vae_stride": 16, **args})
