@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 from dataclasses import dataclass, field
 
 import yaml
@@ -25,7 +24,7 @@ import yaml
 from flowar.config import ConfigError, SamplerConfig
 from pipelines.core import storage
 from pipelines.core.config import load_config
-from pipelines.evaluate.export import check_sampler_for_export, generator_spec
+from pipelines.evaluate.export import check_sampler_for_export, checked_export, generator_spec
 
 __all__ = ["SampleConfig", "run_sample", "sample_images", "parse_classes", "register"]
 
@@ -87,31 +86,25 @@ def sample_images(checkpoint: str, classes: list[int] | None, per_class: int, sa
 def local_export(checkpoint: str):
     """The model folder at `checkpoint` (a path or a URI) as a local folder: a remote one is
     checked for config.json before anything is downloaded, then downloaded for the block."""
-    try:
-        found = storage.exists(storage.join(checkpoint, "config.json"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"checkpoint {checkpoint!r}: cannot read it ({e})") from None
-    if not found:
-        raise ConfigError(f"checkpoint {checkpoint!r} is not a save_pretrained folder (no config.json)")
-    with storage.local_dir(checkpoint) as local:
+    with storage.local_dir(checked_export(checkpoint, "checkpoint ")) as local:
         yield local
 
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Make the samples and write the grid (and the files); returns where they went."""
-    from pipelines.core.images import image_grid  # torch
+    from pipelines.core.images import image_grid, save_png  # torch
 
     for key, place in (("--out", cfg.out), ("--images-dir", cfg.images_dir)):
         if place:
             _check_output(key, place)
     images, indices = sample_images(cfg.checkpoint, cfg.classes, cfg.per_class, cfg.sampler, cfg.seed,
                                     cfg.batch_size, cfg.vae, cfg.device)
-    grid = _write_png(image_grid(images, cfg.per_class), cfg.out)
+    grid = storage.display(save_png(image_grid(images, cfg.per_class), cfg.out))
     files = []
     if cfg.images_dir:
         for img, i in zip(images, indices):
-            files.append(_write_png(img.transpose(1, 2, 0).copy(), storage.join(
-                cfg.images_dir, f"class{i // cfg.per_class}_{i:06d}.png")))
+            files.append(storage.display(save_png(img.transpose(1, 2, 0).copy(), storage.join(
+                cfg.images_dir, f"class{i // cfg.per_class}_{i:06d}.png"))))
     return {"grid": grid, "count": len(images), "files": files}
 
 
@@ -122,16 +115,6 @@ def _check_output(key: str, place: str) -> None:
         storage.resolve(place)
     except ValueError as e:
         raise ConfigError(f"{key} {place!r}: {e}") from None
-
-
-def _write_png(image, target: str) -> str:
-    """An (H, W, 3) uint8 array as a PNG at `target`, a path or a URI; returns how to show it."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    storage.write_bytes(target, buf.getvalue())
-    return storage.display(target)
 
 
 # ------------------------------------------------------------------------------------------------

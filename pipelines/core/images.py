@@ -7,6 +7,7 @@ here, so a rounding or clamping choice is made once.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,12 @@ def image_grid(images, per_row: int) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_png(grid: np.ndarray, path) -> Path:
-    """Write an (H, W, 3) uint8 array as a PNG, creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
+def save_png(grid: np.ndarray, path):
+    """Write an (H, W, 3) uint8 array as a PNG at `path`: a local path (its folder created),
+    returned as a Path, or a storage URI (pipelines/core/storage.py), returned as given."""
+    from pipelines.core import storage
+
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
+    return path if storage.is_uri(path) else Path(path)

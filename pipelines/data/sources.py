@@ -15,9 +15,9 @@ decoded later, in Ray CPU tasks (`decode_items`), a shard at a time:
 - `fashion-mnist`: the bundled data set's IDX files (pipelines.data.bundled: Debian's package,
   else torchvision's download), 28x28 grey padded to 32x32.
 
-`flowar evaluate` reads its reference images here too (`parse_reference_source`,
-`load_reference_images`): `fashion-mnist[:train|test]`, or a folder of images (any depth), with
-the same preprocessing, so reference and training images are prepared alike.
+`flowar evaluate` reads a `fashion-mnist[:train|test]` reference here too (`parse_reference_source`,
+`load_reference_images`), and a folder of reference images in pipelines/evaluate/reference.py,
+both with `preprocess`, so reference and training images are prepared alike.
 
 Paths may be local or any URI pyarrow's filesystems read (s3://, gs://, ...).
 Preprocessing (ADM/MAR `center_crop_arr`): halve with a box filter while the short side is at least
@@ -34,7 +34,6 @@ from __future__ import annotations
 import gzip
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
@@ -338,32 +337,20 @@ def decode_items(batch: dict, source: dict, resolution: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def parse_reference_source(source: str) -> dict:
-    """'fashion-mnist[:train|test]', 'folder:/path' or a bare folder path -> a source spec
-    {kind, path, count (+ files: a folder's images, sorted)}. The spec (less its file list,
-    which enters as names and sizes) is the identity of cached reference statistics."""
-    if source.startswith("fashion-mnist"):
-        split = source.split(":", 1)[1] if ":" in source else "test"
-        if split not in ("train", "test"):
-            raise ValueError(f"reference source {source!r}: split must be train or test")
-        path = fashion_mnist_file(split, "images")
-        return {"kind": "fashion-mnist", "path": str(path), "count": idx_count(path)}
-    folder = Path(source.split(":", 1)[1] if source.startswith("folder:") else source).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"reference source {source!r}: {folder} is not a folder of images")
-    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
-    if not files:
-        raise ValueError(f"reference source {source!r}: no images "
-                         f"({', '.join('.' + e for e in IMAGE_EXTS)}) in {folder}")
-    return {"kind": "folder", "path": str(folder), "files": files, "count": len(files)}
+    """'fashion-mnist[:train|test]' -> {kind, path, count} (a folder of reference images is
+    pipelines.evaluate.reference's: listed directory by directory, never whole)."""
+    if not source.startswith("fashion-mnist"):
+        raise ValueError(f"reference source {source!r}: not a fashion-mnist split "
+                         "(folders are read by pipelines.evaluate.reference)")
+    split = source.split(":", 1)[1] if ":" in source else "test"
+    if split not in ("train", "test"):
+        raise ValueError(f"reference source {source!r}: split must be train or test")
+    path = fashion_mnist_file(split, "images")
+    return {"kind": "fashion-mnist", "path": str(path), "count": idx_count(path)}
 
 
 def load_reference_images(spec: dict, start: int, end: int, resolution: int) -> np.ndarray:
-    """uint8 (B, resolution, resolution, 3) images start..end of a reference source spec,
-    prepared like the training images (`preprocess`: Fashion-MNIST padded 28 -> 32, ADM center
-    crop, grey -> RGB)."""
+    """uint8 (B, resolution, resolution, 3) images start..end of a fashion-mnist reference spec,
+    prepared like the training images (`preprocess`: padded 28 -> 32, grey -> RGB)."""
     import numpy as np
-    if spec["kind"] == "fashion-mnist":
-        raw = list(read_idx(spec["path"])[start:end])
-    else:
-        raw = [Path(p).read_bytes() for p in spec["files"][start:end]]
-    return np.stack([preprocess(r, resolution) for r in raw])
+    return np.stack([preprocess(r, resolution) for r in read_idx(spec["path"])[start:end]])

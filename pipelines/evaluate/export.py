@@ -15,7 +15,7 @@ from flowar.config import ConfigError, SamplerConfig, check_sampler_fits, to_dic
 from pipelines.core import storage
 from pipelines.data.latents import LatentDatasetMeta
 
-__all__ = ["is_export", "export_vae_spec", "generator_spec", "read_training_link",
+__all__ = ["is_export", "checked_export", "export_vae_spec", "generator_spec", "read_training_link",
            "checkpoint_identity", "check_sampler_for_export"]
 
 EMA_FILE = "ema.safetensors"  # written beside the model by flowar train's EMA export
@@ -24,9 +24,7 @@ EMA_FILE = "ema.safetensors"  # written beside the model by flowar train's EMA e
 def read_text(ckpt, name: str) -> str | None:
     """The text of file `name` in the export (a path or URI), or None when there is none."""
     try:
-        fs, path = storage.resolve(storage.join(os.fspath(ckpt), name))
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
+        return storage.read_bytes(storage.join(os.fspath(ckpt), name)).decode()
     except (FileNotFoundError, IsADirectoryError):
         return None
     except OSError as e:  # pyarrow reports a missing object as OSError with the path
@@ -38,6 +36,21 @@ def read_text(ckpt, name: str) -> str | None:
 def is_export(ckpt) -> bool:
     """Whether `ckpt` is a save_pretrained folder (it has config.json)."""
     return storage.exists(storage.join(os.fspath(ckpt), "config.json"))
+
+
+def checked_export(checkpoint: str, name: str) -> str:
+    """`checkpoint` as an absolute folder or a URI, refused unless it can be read and
+    save_pretrained wrote it; `name` names the input in the message ("generation.checkpoint="
+    or "checkpoint "). Reads one file's metadata, downloads nothing."""
+    ckpt = os.fspath(checkpoint)
+    ckpt = ckpt if storage.is_uri(ckpt) else os.path.abspath(os.path.expanduser(ckpt))
+    try:
+        found = is_export(ckpt)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{name}{checkpoint!r} cannot be read: {e}") from None
+    if not found:
+        raise ConfigError(f"{name}{checkpoint!r} is not a save_pretrained folder (no config.json)")
+    return ckpt
 
 
 def export_vae_spec(ckpt) -> dict:

@@ -24,12 +24,12 @@ import tempfile
 from pathlib import Path
 
 from flowar.config import ConfigError, to_dict
-from pipelines.core import storage, tracking
+from pipelines.core import tracking
 from pipelines.core.config import add_job_parser, flowar_home, load_config
 from pipelines.core.ray_runtime import init_ray
 from pipelines.evaluate.config import EvalConfig
-from pipelines.evaluate.export import (check_sampler_for_export, checkpoint_identity, generator_spec,
-                                       is_export, read_training_link)
+from pipelines.evaluate.export import (check_sampler_for_export, checked_export, checkpoint_identity,
+                                       generator_spec, read_training_link)
 
 # EvalConfig, read_training_link and check_sampler_for_export are imported from here by the
 # quickstart and `flowar sample`: this module is the evaluation's public face.
@@ -44,7 +44,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     from pipelines.evaluate.metrics import requested_metrics
 
     g = cfg.generation
-    ckpt = export_folder(g.checkpoint)
+    ckpt = checked_export(g.checkpoint, "generation.checkpoint=")
     generator = generator_spec(ckpt, cfg.sampler, vae=g.vae, seed=g.seed,
                                samples_per_class=g.samples_per_class, use_ema=g.use_ema)
     link = read_training_link(ckpt)
@@ -86,20 +86,6 @@ def run_evaluate(cfg: EvalConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The steps, in the order they run
 # ------------------------------------------------------------------------------------------------
-
-def export_folder(checkpoint: str) -> str:
-    """generation.checkpoint as an absolute folder or a URI, refused unless save_pretrained
-    wrote it."""
-    ckpt = checkpoint if storage.is_uri(checkpoint) else str(Path(checkpoint).expanduser().resolve())
-    try:
-        found = is_export(ckpt)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"generation.checkpoint={checkpoint!r} cannot be read: {e}") from None
-    if not found:
-        raise ConfigError(f"generation.checkpoint={checkpoint!r} is not a save_pretrained folder "
-                          "(no config.json)")
-    return ckpt
-
 
 def resolve_run(cfg: EvalConfig, link: dict) -> tuple[str, str]:
     """(run id to log into or "", note). An explicit run_id must exist in the store; the
