@@ -24,8 +24,9 @@ TINY = ROOT / "configs" / "train-tiny.yaml"
 
 def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
                  num_classes: int = 10, flip: bool = True, image_scales=(), std: float = 0.05,
-                 parts: int = 2, dtype=np.float32) -> Path:
-    """A finished latent dataset written with the encode job's own writer (pipelines.data.latents).
+                 parts: int = 2, dtype=np.float32, vae: str = "none/test-vae") -> Path:
+    """A finished latent dataset written with the encode job's own writer (pipelines.data.latents),
+    naming `vae` (the default names none that loads: sample grids then show raw latents).
 
     Means are a per-class pattern plus a little noise, so the model has something to learn.
     The image-derived scale k (`image_scales`) is the latent area-pooled to k x k plus 1, a map
@@ -49,7 +50,7 @@ def make_dataset(path: Path, count: int = 64, side: int = 4, channels: int = 4,
         if flip:
             columns.update({f"mean_flip_img{k}": pool(mean[..., ::-1], k),
                             f"std_flip_img{k}": pool(std, k) - 1.0})
-    meta = LatentDatasetMeta(vae={"id": "none/test-vae", "scaling_factor": 1.0, "shift_factor": 0.0},
+    meta = LatentDatasetMeta(vae={"id": vae, "scaling_factor": 1.0, "shift_factor": 0.0},
                              resolution=side * 8, latent_size=side, latent_channels=channels,
                              scales=[side], count=count, num_classes=num_classes, flip=flip,
                              image_scales=list(image_scales))

@@ -107,10 +107,16 @@ class EvalWorker:
     def _load_generator(self, spec: dict):
         # A checkpoint URI is downloaded by each worker for itself (removed once loaded).
         with storage.local_dir(spec["checkpoint"]) as folder:
-            self.model = FlowAR.from_pretrained(folder).to(self.device).eval()
+            model = FlowAR.from_pretrained(folder)
             if spec.get("ema_file"):
                 ema = Path(folder) / posixpath.basename(spec["ema_file"])
-                self.model.load_state_dict(load_file(str(ema), device=str(self.device)), strict=True)
+                model.load_state_dict(load_file(str(ema)), strict=True)
+        self.use_generator(model, spec)
+
+    def use_generator(self, model: FlowAR, spec: dict):
+        """Generate with `model` (e.g. the EMA weights of a running training,
+        pipelines/train/evaluation.py), the VAE, seed, class layout and sampler of `spec`."""
+        self.gen, self.model = spec, model.to(self.device).eval()
         self.vae, self.decode = load_vae(spec["vae"], self.device)
 
     def extractor_info(self) -> dict:

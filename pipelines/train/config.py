@@ -96,6 +96,21 @@ class TrainConfig:
     sample_classes: tuple[int, ...] = ()  # empty: the first 8 classes
     samples_per_class: int = 4
     export_dir: str = path_field("output")  # empty: <storage>/<run name>/export
+    # In-training evaluation (pipelines/train/evaluation.py): every eval_every steps and at the
+    # last step, the workers generate eval_samples samples of the EMA weights and log eval/fid,
+    # eval/kid and (with a classifier) eval/class_accuracy at that step, also to Tune (sweeps).
+    eval_every: int = 0  # steps; 0: no in-training evaluation
+    eval_samples: int = 1000  # sample i has class i // ceil(eval_samples / classes), as in flowar evaluate
+    eval_batch_size: int = 50
+    eval_seed: int = 0  # the samples' noise, as generation.seed in flowar evaluate
+    # The real images: fashion-mnist[:test|train], an image folder, or an ADM .npz (FID only).
+    # Their statistics are computed once and cached (the same cache as flowar evaluate's).
+    eval_reference: str = path_field("reference")
+    eval_reference_images: int = 0  # 0: all images of eval_reference
+    eval_kid: bool = True  # KID of the feature subsets (10,000 at most of each, seed 0)
+    # A folder with the Fashion-MNIST classifier (classifier.safetensors, written by
+    # pipelines/evaluate/classifier.py; the quickstart's <home>/classifier): eval/class_accuracy.
+    eval_classifier: str = path_field("input")
 
     def __post_init__(self):
         positive = ("num_workers", "global_batch_size", "grad_accum_steps", "epochs", "log_every",
@@ -115,6 +130,23 @@ class TrainConfig:
         if self.max_steps < 0 or self.max_failures < 0 or self.sample_every < 0:
             raise ConfigError("train.max_steps, train.max_failures and train.sample_every "
                               "must not be negative")
+        self._check_eval()
+
+    def _check_eval(self):
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every={self.eval_every} must not be negative (0: off)")
+        if not self.eval_every:
+            return
+        if self.eval_samples < 2 or self.eval_batch_size < 1:
+            raise ConfigError(f"train.eval_samples={self.eval_samples} must be at least 2 (a "
+                              f"covariance) and train.eval_batch_size={self.eval_batch_size} >= 1")
+        if not self.eval_reference:
+            raise ConfigError(f"train.eval_every={self.eval_every} needs train.eval_reference: the "
+                              "real images to compare with (fashion-mnist:test, an image folder, "
+                              "or an ADM .npz of statistics)")
+        if self.eval_reference_images < 0:
+            raise ConfigError(f"train.eval_reference_images={self.eval_reference_images} must "
+                              "not be negative (0: all)")
 
     @property
     def micro_batch(self) -> int:
@@ -217,6 +249,9 @@ class WorkerPayload:
     meta: LatentDatasetMeta
     units: list = field(default_factory=list)  # the dataset's row groups (LatentDataset.units())
     fault: dict = field(default_factory=dict)  # test hook, see pipelines/train/faults.py
+    # train.eval_reference as the driver read it (pipelines/evaluate/reference.py's spec); None
+    # when train.eval_every is 0
+    eval_reference: dict | None = None
 
     def as_loop_config(self) -> dict:
         return {"payload": self}

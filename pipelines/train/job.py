@@ -24,8 +24,8 @@ from pipelines.core.ray_runtime import init_ray
 from pipelines.data.latents import LatentDataset, LatentDatasetMeta, check_compatible
 from pipelines.train.config import TrainJobConfig, WorkerPayload, load_train_config, run_name
 
-__all__ = ["run_train", "check_dataset", "TrainingDiverged", "tune_is_stopping_this_trial",
-           "register"]
+__all__ = ["run_train", "check_dataset", "check_evaluation", "TrainingDiverged",
+           "tune_is_stopping_this_trial", "register"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,8 +50,10 @@ def run_train(cfg: TrainJobConfig, config_path: str | None = None, *, fault: dic
     """
     cfg = from_dict(TrainJobConfig, to_dict(cfg))  # every config check again: cfg may have been edited
     meta = check_dataset(cfg)
+    eval_reference = check_evaluation(cfg, meta)
     units = LatentDataset(cfg.data.path).units()  # the row groups the workers stream
     payload = _start_run(cfg, config_path, meta, units, fault or {})
+    payload.eval_reference = eval_reference
     init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 1)  # + one CPU for the driver's actors
     trainer = _trainer(payload, callbacks, resources_per_worker)
     result = _fit(trainer, payload, progress if progress is not None else not _in_tune_trial())
@@ -64,6 +66,19 @@ def check_dataset(cfg: TrainJobConfig) -> LatentDatasetMeta:
     meta = LatentDataset(cfg.data.path).meta
     check_compatible(meta, cfg.model)  # incl. image-derived scales for scale_construction=image
     return meta
+
+
+def check_evaluation(cfg: TrainJobConfig, meta: LatentDatasetMeta) -> dict | None:
+    """With train.eval_every: the reference, the classifier and the dataset's VAE checked before
+    anything starts (ConfigError naming the key); the reference's spec for the workers."""
+    if not cfg.train.eval_every:
+        return None
+    from pipelines.train.evaluation import check_eval_inputs  # torch: not on --help's path
+
+    try:
+        return check_eval_inputs(cfg, meta.vae)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDatasetMeta,
@@ -180,7 +195,7 @@ def _load_and_check_dataset(args) -> TrainJobConfig:
     """What `--print-config` shows: the config, refused exactly as the run would refuse it,
     the dataset's metadata included (reads metadata.json, nothing else)."""
     cfg = load_train_config(args.config, args.overrides)
-    check_dataset(cfg)
+    check_evaluation(cfg, check_dataset(cfg))
     return cfg
 
 

@@ -37,6 +37,7 @@ from pipelines.train.checkpointing import (copy_dir, export_ema, full_ema_state,
                                            read_state, save_checkpoint)
 from pipelines.train.config import TrainConfig, TrainJobConfig, WorkerPayload
 from pipelines.train.data import BatchSource, latent_columns, open_reader, seed_of
+from pipelines.train.evaluation import InTrainingEval
 from pipelines.train.faults import inject_fault, log_keys, read_logger
 from pipelines.train.parallelize import grad_sync, parallelize
 from pipelines.train.samples import SampleGrid
@@ -73,9 +74,13 @@ def train_loop_per_worker(config: dict) -> None:
             window.reset()
         if tc.sample_every and done % tc.sample_every == 0 and done != w.total_steps:
             log_samples(w, done)
+        evaluated = evaluate(w, done) if is_eval_step(tc, done, w.total_steps) else None
         if done % tc.checkpoint_every == 0 or done == w.total_steps:
-            checkpoint(w, interval, lr, done)
+            checkpoint(w, interval, lr, done, evaluated or {})
             interval.reset()
+        elif evaluated is not None:  # Tune's scheduler sees eval/* at every evaluation step
+            ray.train.report({"step": done, "loss": interval.mean_loss(), "lr": lr,
+                              "epoch": done / w.source.steps_per_epoch, **evaluated})
     summarise(w, time.perf_counter() - t_loop)
 
 
@@ -133,6 +138,7 @@ class Worker:
     best_loss: float = math.inf  # of the checkpoint intervals so far
     mlflow: Any = None  # rank 0's MLflow client; None on every other rank
     grid: SampleGrid | None = None  # rank 0 only
+    evaluator: InTrainingEval | None = None  # every rank, with train.eval_every
 
     @property
     def job(self) -> TrainJobConfig:
@@ -176,6 +182,8 @@ def setup(payload: WorkerPayload) -> Worker:
                    total_steps=tc.max_steps or tc.epochs * source.steps_per_epoch)
         if checkpoint_dir:
             _restore(w, checkpoint_dir)
+    if tc.eval_every:
+        w.evaluator = InTrainingEval(job, payload.meta.vae, payload.eval_reference, device, rank, world)
     if rank == 0:
         _announce(w, time.perf_counter() - t_start)
     return w
@@ -319,6 +327,26 @@ def log_metrics(w: Worker, window: Meter, lr: float, done: int) -> None:
     tracking.log_metrics(w.mlflow, w.payload.run_id, metrics, step=done)
 
 
+def is_eval_step(tc: TrainConfig, done: int, total: int) -> bool:
+    """Every train.eval_every steps, and at the last step (so a run's final report, which a
+    sweep ranks by, carries its evaluation)."""
+    return bool(tc.eval_every) and (done % tc.eval_every == 0 or done == total)
+
+
+def evaluate(w: Worker, step: int) -> dict:
+    """The in-training evaluation of the EMA weights (pipelines/train/evaluation.py). Every rank
+    calls it (gathering the EMA and the statistics are collective); rank 0 logs the metrics to
+    MLflow at `step` and returns them, the other ranks return {}."""
+    full = full_ema_state(w.ema)
+    buffers = {k: v.detach().cpu() for k, v in w.model.state_dict().items() if k not in full}
+    metrics = w.evaluator({**full, **buffers})
+    if w.mlflow is not None:
+        tracking.log_metrics(w.mlflow, w.payload.run_id, metrics, step=step)
+        print(f"flowar train: step {step}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    return metrics
+
+
 def log_samples(w: Worker, step: int) -> None:
     """A sample grid of the EMA weights (every rank calls it: gathering them is collective under FSDP)."""
     full = full_ema_state(w.ema)
@@ -327,12 +355,14 @@ def log_samples(w: Worker, step: int) -> None:
                            f"samples/step_{step:07d}.png")
 
 
-def checkpoint(w: Worker, interval: Meter, lr: float, done: int) -> None:
+def checkpoint(w: Worker, interval: Meter, lr: float, done: int, evaluated: dict) -> None:
     """Every rank: the best EMA so far to <run dir>/best, at the end the last samples and the
-    export, then Ray's checkpoint of the step."""
+    export, then Ray's checkpoint of the step (its report carries `evaluated`, the step's
+    in-training evaluation, when there is one)."""
     run_dir = w.payload.run_dir
     loss = interval.mean_loss()
-    metrics = {"step": done, "loss": loss, "lr": lr, "epoch": done / w.source.steps_per_epoch}
+    metrics = {"step": done, "loss": loss, "lr": lr, "epoch": done / w.source.steps_per_epoch,
+               **evaluated}
     if loss < w.best_loss:
         w.best_loss = loss
         export(w, f"{run_dir}/best", done)  # kept apart from Ray's last-N checkpoints

@@ -1,0 +1,150 @@
+"""In-training evaluation (train.eval_every): real Ray Train workers, a real MLflow store, real
+Inception features, a real (tiny, random-weight) VAE decoding the samples.
+
+One training run of 4 steps with an evaluation every 2 steps, then `flowar evaluate` and
+`flowar sample` of its export with the same settings: the last in-training FID must equal the
+evaluation's (the same samples, the same reference statistics, read from the shared cache), and
+the class accuracy must equal the classifier's verdict on `flowar sample`'s images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_train import TINY, make_dataset, mlflow_run
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+N = 8  # samples per evaluation: sample i has class i (ceil(8 / 10) = 1 per class)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A latent dataset decoded by a tiny saved AutoencoderKL (4x4 latents -> 32 px), a reference
+    folder of 8 Fashion-MNIST PNGs unique to this test (a fresh cache key) and a classifier."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from pipelines.data.bundled import fashion_mnist_file
+    from pipelines.data.sources import read_idx
+    from pipelines.evaluate.classifier import train_classifier
+
+    root = tmp_path_factory.mktemp("train-eval")
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(root / "vae")
+    data = make_dataset(root / "latents", vae=str(root / "vae"))
+    images = read_idx(fashion_mnist_file("train", "images"))[:N]
+    (root / "reference").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(root / "reference" / f"{i:03d}.png")
+    train_classifier(root / "classifier", epochs=1, limit=512, progress=False)
+    return {"root": root, "data": data, "reference": root / "reference",
+            "classifier": root / "classifier"}
+
+
+def eval_overrides(inputs) -> list[str]:
+    return ["train.eval_every=2", f"train.eval_samples={N}", "train.eval_batch_size=4",
+            f"train.eval_reference={inputs['reference']}", f"train.eval_classifier={inputs['classifier']}"]
+
+
+@pytest.fixture(scope="module")
+def trained(inputs):
+    from pipelines.cli import main
+
+    root = inputs["root"]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    code = main(["train", str(TINY), f"data.path={inputs['data']}", "train.max_steps=4",
+                 "train.checkpoint_every=4", "train.log_every=2", "mlflow.run_name=evaluated",
+                 f"mlflow.tracking_uri={uri}", f"ray.storage_path={root / 'ray_results'}",
+                 *eval_overrides(inputs)])
+    assert code == 0
+    c, runs = mlflow_run(uri, "evaluated")
+    return {"uri": uri, "client": c, "run": runs[0], "export": root / "ray_results" / "evaluated" / "export"}
+
+
+def history(trained, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in trained["client"].get_metric_history(trained["run"].info.run_id, key)}
+
+
+def test_metrics_logged_at_every_evaluation_step(trained):
+    fid, kid, acc = (history(trained, f"eval/{k}") for k in ("fid", "kid", "class_accuracy"))
+    assert sorted(fid) == sorted(kid) == sorted(acc) == [2, 4]
+    assert all(np.isfinite(v) and v > 0 for v in fid.values())
+    assert all(v in {k / N for k in range(N + 1)} for v in acc.values())  # a count out of N
+    # the reference was computed once, at the first evaluation, and read from the cache after
+    assert sorted(history(trained, "eval/reference_seconds")) == [2]
+
+
+def test_last_evaluation_equals_flowar_evaluate_of_the_export(trained, inputs, tmp_path):
+    """The same samples (index -> class and noise) and the same reference statistics, which the
+    evaluation finds in the cache the training wrote."""
+    import json
+
+    from pipelines.cli import main
+
+    code = main([
+        "evaluate", f"generation.checkpoint={trained['export']}", f"generation.num_samples={N}",
+        "generation.samples_per_class=1", "generation.batch_size=4", "generation.shard_size=4",
+        "sampler.num_steps=4", "sampler.cfg=1.5", f"reference.source={inputs['reference']}",
+        "reference.batch_size=4", "reference.shard_size=4", "metrics.kid=true", "metrics.isc=false", "metrics.isc_splits=1",
+        "workers.num_workers=2", f"mlflow.tracking_uri={trained['uri']}",
+        f"output_dir={tmp_path / 'eval'}"])
+    assert code == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["reference"]["cached"] is True
+    assert report["results"]["fid"] == pytest.approx(history(trained, "eval/fid")[4], rel=1e-6)
+    assert report["results"]["kid"] == pytest.approx(history(trained, "eval/kid")[4], rel=1e-4, abs=1e-9)
+
+
+def test_class_accuracy_is_the_classifiers_verdict_on_the_samples(trained, inputs):
+    import torch
+
+    from flowar.config import SamplerConfig
+    from pipelines.core.images import from_uint8
+    from pipelines.evaluate.classifier import accuracy, load_classifier
+    from pipelines.sample import sample_images
+
+    images, indices = sample_images(str(trained["export"]), list(range(N)), 1,
+                                    SamplerConfig(num_steps=4, cfg=1.5))
+    expected = accuracy(load_classifier(inputs["classifier"]), from_uint8(images), torch.tensor(indices))
+    assert history(trained, "eval/class_accuracy")[4] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.eval_reference="], "needs train.eval_reference"),
+    (["train.eval_samples=1"], "train.eval_samples=1 must be at least 2"),
+    (["train.eval_every=-1"], "train.eval_every=-1 must not be negative"),
+])
+def test_bad_evaluation_settings_refused_when_read(override, message):
+    from flowar.config import ConfigError
+    from pipelines.train.config import load_train_config
+
+    base = ["data.path=unused", "train.eval_every=2", "train.eval_reference=fashion-mnist:test"]
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(TINY, base + override)
+
+
+@pytest.mark.parametrize("case, key", [("classifier", "train.eval_classifier"),
+                                       ("reference", "train.eval_reference"),
+                                       ("vae", "train.eval_every needs images")])
+def test_unusable_evaluation_inputs_refused_before_training(inputs, tmp_path, capsys, case, key):
+    """Checked on the driver before any worker starts, by the run and by --print-config alike."""
+    from pipelines.cli import main
+
+    data, over = inputs["data"], eval_overrides(inputs)
+    if case == "classifier":
+        over.append(f"train.eval_classifier={tmp_path}")
+    elif case == "reference":
+        over.append(f"train.eval_reference={tmp_path / 'missing'}")
+    else:
+        data = make_dataset(tmp_path / "latents", vae=str(tmp_path / "no-vae"))
+    common = [str(TINY), f"data.path={data}", f"ray.storage_path={tmp_path / 'ray_results'}",
+              f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *over]
+    for argv in (["train", *common, "--print-config"], ["train", *common]):
+        assert main(argv) == 2
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
