@@ -155,27 +155,33 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
     expected = {"table3-scale-construction": [("model.scale_construction", 2)],
                 "table4-scales": [("model.scales", 3)],
                 "table5-head-objective": [("model.head", 2), ("model.objective", 2)],
-                "table6-injection": [("model.injection", 6)]}
+                "table6-injection": [("model.injection", 7)]}
+    # The full files evaluate against ADM's ImageNet reference batch, which this machine lacks.
     for name, axes_expected in expected.items():
-        for suffix, data in (("", full), ("-tiny", tiny)):
+        for suffix, data, extra in (("", full, ["train.eval_reference=fashion-mnist:test"]),
+                                    ("-tiny", tiny, [])):
             sweep, base = read_sweep_file(SWEEPS / f"{name}{suffix}.yaml")
-            axes, cfg, _ = validate(sweep, base, [f"data.path={data}"])
-            assert [(a.key, len(a.values)) for a in axes] == axes_expected, name + suffix
+            axes, cfg, _ = validate(sweep, base, [f"data.path={data}", *extra])
+            seeds = [("train.seed", 2)] if suffix else []  # the tiny ones: two seeds a setting
+            assert [(a.key, len(a.values)) for a in axes] == axes_expected + seeds, name + suffix
             assert sweep.name == name + suffix
+            # ranked by in-training FID: the loss is not comparable across most of these axes
+            assert sweep.metric == "eval/fid" and cfg.train.eval_every > 0, name + suffix
     sweep, _ = read_sweep_file(SWEEPS / "table6-injection.yaml")
     assert sweep.search["model.injection"]["grid"] == [
-        "spatial_adaln", "adaln", "addition", "cross_attention", "sequence_concat",
-        "channel_concat"]
+        "spatial_adaln", "cross_attention_adaln", "adaln", "addition", "cross_attention",
+        "sequence_concat", "channel_concat"]
     sweep, _ = read_sweep_file(SWEEPS / "table4-scales.yaml")
     assert sweep.search["model.scales"]["grid"] == [[1, 2, 4, 8, 16], [1, 4, 8, 16], [1, 4, 16]]
-    # Where the axes change what the loss measures, the summary says "best by loss" means nothing.
-    from pipelines.sweep.summary import loss_caveat
-    for name, caveat in (("table3-scale-construction", "model.scale_construction"),
-                         ("table5-head-objective", "model.objective"), ("table6-injection", "")):
-        sweep, base = read_sweep_file(SWEEPS / f"{name}-tiny.yaml")
-        axes, _, _ = validate(sweep, base, [f"data.path={tiny}"])
-        text = loss_caveat(axes, sweep.metric)
-        assert (caveat in text) if caveat else text == "", name
+    # Ranked by loss instead, the sweeps whose axes change what the loss measures are refused.
+    for name, refused in (("table3-scale-construction", True), ("table4-scales", True),
+                          ("table5-head-objective", True), ("table6-injection", False)):
+        sweep, base = read_sweep_file(SWEEPS / f"{name}-tiny.yaml", ["metric=loss"])
+        if refused:
+            with pytest.raises(ConfigError, match="metric=loss cannot rank"):
+                validate(sweep, base, [f"data.path={tiny}"])
+        else:
+            validate(sweep, base, [f"data.path={tiny}"])
     # Table 3's image arm needs the image pyramid in the dataset: refused before any trial.
     sweep, base = read_sweep_file(SWEEPS / "table3-scale-construction-tiny.yaml")
     plain = make_dataset(tmp_path / "plain", count=8, side=8)
@@ -183,7 +189,74 @@ def test_shipped_table3_to_table6_sweeps_validate(tmp_path):
         validate(sweep, base, [f"data.path={plain}"])
 
 
+EVALUATING = ["train.eval_every=2", "train.eval_reference=fashion-mnist:test"]
+
+
+@pytest.mark.parametrize("search, spec, overrides, message", [
+    ({"model.objective": {"grid": ["flow", "diffusion"]}}, {}, [], "metric=loss cannot rank"),
+    ({"model.time_sampling": {"grid": ["uniform", "logit_normal"]}}, {}, [],
+     "not comparable across values of model.time_sampling"),
+    ({"model.injection": {"grid": ["adaln"]}}, {"metric": "eval/fid"}, [], "set train.eval_every"),
+    ({"model.injection": {"grid": ["adaln"]}}, {"metric": "eval/fid", "mode": "max"}, EVALUATING,
+     "set mode: min"),
+    ({"model.injection": {"grid": ["adaln"]}}, {"metric": "eval/class_accuracy", "mode": "max"},
+     EVALUATING, "needs train.eval_classifier"),
+    ({"model.injection": {"grid": ["adaln"]}},
+     {"metric": "eval/fid", "scheduler": {"type": "asha", "grace_period": 3}}, EVALUATING,
+     "grace_period=3 is not a multiple of train.eval_every=2"),
+])
+def test_a_metric_that_cannot_rank_the_sweep_is_refused_before_any_trial(
+        dataset, tmp_path, capsys, search, spec, overrides, message):
+    """The loss across axes that change what it measures; an eval/* metric the trials do not
+    log, or ranked the wrong way, or with ASHA's rungs between evaluations."""
+    from pipelines.cli import main
+
+    sweep = write_sweep(tmp_path, "unrankable", search, overrides=overrides, **spec)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sweep", str(sweep), f"data.path={dataset}", f"mlflow.tracking_uri={uri}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 # ------------------------------------------------------------------------- real sweeps
+
+def test_sweep_ranked_by_in_training_fid(ray_local, tmp_path):
+    """metric: eval/fid. Each trial evaluates at steps 2 and 4; the summary ranks by its last
+    FID, with the loss beside it, and the best config is the lowest-FID trial's."""
+    from test_train_eval import N, reference_folder, tiny_vae
+
+    from pipelines.sweep.config import load_sweep
+    from pipelines.sweep.job import run_sweep
+
+    data = make_dataset(tmp_path / "latents", vae=str(tiny_vae(tmp_path / "vae")))
+    ref = reference_folder(tmp_path / "reference")
+    sweep = write_sweep(tmp_path, "by-fid", {"model.injection": {"grid": ["adaln", "addition"]}},
+                        overrides=["train.max_steps=4", "train.eval_every=2", f"train.eval_samples={N}",
+                                   "train.eval_batch_size=8", f"train.eval_reference={ref}"],
+                        metric="eval/fid", scheduler={"type": "none"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_sweep(load_sweep(sweep, [f"data.path={data}", f"mlflow.tracking_uri={uri}"]))
+
+    c, parent, kids = children_of(uri, "by-fid")
+    assert len(kids) == 2
+    final = {}
+    for kid in kids:
+        fid = {m.step: m.value for m in c.get_metric_history(kid.info.run_id, "eval/fid")}
+        assert sorted(fid) == [2, 4] and all(math.isfinite(v) for v in fid.values())
+        final[kid.info.run_id] = fid[4]
+    rows = summary["rows"]
+    assert {r["run_id"]: r["eval/fid"] for r in rows} == pytest.approx(final)
+    assert all(math.isfinite(r["loss"]) for r in rows)  # each trial's loss beside its FID
+    best = min(rows, key=lambda r: r["eval/fid"])
+    assert summary["best_trial"] == best["trial_id"] and summary["best_value"] == best["eval/fid"]
+    assert "| trial_id | model.injection | eval/fid | loss |" in summary["table"]
+    assert yaml.safe_load(Path(summary["best_config"]).read_text())["model"]["injection"] \
+        == best["model.injection"]
+    assert c.get_run(parent.info.run_id).data.metrics["best_eval/fid"] == pytest.approx(best["eval/fid"])
+    with open(Path(summary["dir"]) / "trials.csv") as f:
+        assert {"eval/fid", "loss"} <= set(csv.DictReader(f).fieldnames)
+    assert (Path(summary["dir"]) / "eval_fid_per_axis.png").is_file()
+
 
 def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
         ray_local, dataset, tmp_path, monkeypatch):
@@ -256,7 +329,6 @@ def test_four_trial_sweep_logs_parent_children_and_asha_stops_a_hopeless_trial(
             "summary/best_config.yaml"} <= logged
     assert "| trial_id | train.base_lr | model.injection | loss | step | status |" \
         in summary["table"]
-    assert summary["caveat"] == ""  # injection and lr leave the loss comparable
 
 
 # The sweep driver of the kill test: `flowar sweep ...` whose Tune loop SIGKILLs its own process

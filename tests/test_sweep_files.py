@@ -7,11 +7,12 @@ and no storage path (FLOWAR_HOME unset), so every MLflow run must land in that d
 pyramid for Table 3) is stood in for by a small one written with the encode job's own writer.
 
 Appended to the header's command, to keep the four sweeps to a few minutes on 2 cores:
-* sizes: 4 steps, a report (ASHA rung) every 2 steps and ASHA's grace period scaled down with
-  them (the files' 10 steps of 30 become 2 of 4);
+* sizes: 4 steps, a report and an in-training FID (ASHA rung) every 2 steps, of 8 samples against
+  8 test images, and ASHA's grace period scaled down with them (the files' 10 steps of 30 become
+  2 of 4);
 * a CAP ON EACH GRID (`sweep.search=...` narrowing one axis, see CAPS): a trial costs 15-50 s
   of Ray start-up (trial actor, Train controller, worker group) however small the model, so the
-  files' 15 trials would take 5-12 min. Kept (6 trials, about 3 min): what each table adds to a
+  files' 32 trials (two seeds each) would take 15-30 min. Kept (6 trials, about 3 min): what each table adds to a
   default training run. Table 3's image arm, Table 4's [1, 4, 8] (the latent arm and [1, 2, 4, 8]
   are the default training of the other files), both heads with the diffusion objective, and the
   two injections that need every parameter to take part under DDP (cross_attention,
@@ -32,13 +33,18 @@ from pathlib import Path
 import pytest
 
 from test_sweep import check_trials, default_store, make_dataset
+from test_train_eval import tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
 MAX_STEPS = 4
 SMALL = [f"train.max_steps={MAX_STEPS}", "train.checkpoint_every=2", "train.log_every=2",
          "train.warmup_steps=1", "train.global_batch_size=8", "train.sample_classes=[0,1]",
-         "train.samples_per_class=1", "sweep.scheduler.grace_period=2"]
+         "train.samples_per_class=1", "sweep.scheduler.grace_period=2",
+         # in-training FID at steps 2 and 4 (the files rank by eval/fid) of 8 samples against
+         # 8 test images, instead of 100 against 1,000
+         "train.eval_every=2", "train.eval_samples=8", "train.eval_batch_size=8",
+         "train.eval_reference_images=8"]
 FULL_GRIDS = os.environ.get("FLOWAR_TEST_FULL_GRIDS") == "1"
 CAPS = {  # see the module docstring; (override, trials it leaves)
     "table3-scale-construction-tiny":
@@ -48,8 +54,8 @@ CAPS = {  # see the module docstring; (override, trials it leaves)
     "table6-injection-tiny":
         ("sweep.search={model.injection: {grid: [cross_attention, channel_concat]}}", 2),
 }
-TRIALS = {"table3-scale-construction-tiny": 2, "table4-scales-tiny": 3,
-          "table5-head-objective-tiny": 4, "table6-injection-tiny": 6}
+TRIALS = {"table3-scale-construction-tiny": 4, "table4-scales-tiny": 6,
+          "table5-head-objective-tiny": 8, "table6-injection-tiny": 14}  # x 2 seeds
 
 
 def header_command(sweep_file: Path) -> list[str]:
@@ -100,7 +106,9 @@ def test_shipped_tiny_sweep_runs_as_its_header_says(name, ray_local, tmp_path, m
     data = next(a.split("=", 1)[1] for a in argv if a.startswith("data.path="))
     assert not Path(data).is_absolute(), data
     # The quickstart's 4x8x8 latents; the image pyramid too (Table 3's header encodes it).
-    make_dataset(tmp_path / data, count=16, side=8, image_scales=(1, 2, 4))
+    # Decoded by a tiny saved VAE: the trials' in-training evaluation makes images.
+    make_dataset(tmp_path / data, count=16, side=8, image_scales=(1, 2, 4),
+                 vae=str(tiny_vae(tmp_path / "vae")))
 
     cap, trials = ([], TRIALS[name]) if FULL_GRIDS else ([CAPS[name][0]], CAPS[name][1])
     code = main([*argv, *SMALL, *cap])

@@ -9,6 +9,8 @@ the class accuracy must equal the classifier's verdict on `flowar sample`'s imag
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -19,30 +21,41 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 N = 8  # samples per evaluation: sample i has class i (ceil(8 / 10) = 1 per class)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A latent dataset decoded by a tiny saved AutoencoderKL (4x4 latents -> 32 px), a reference
-    folder of 8 Fashion-MNIST PNGs unique to this test (a fresh cache key) and a classifier."""
+def tiny_vae(path: Path) -> Path:
+    """A random-weight AutoencoderKL saved as a diffusers folder: 4-channel latents, 8x down."""
     import torch
     from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(path)
+    return path
+
+
+def reference_folder(path: Path, n: int = N) -> Path:
+    """n Fashion-MNIST training images as PNG files: a reference with its own cache key."""
     from PIL import Image
 
     from pipelines.data.bundled import fashion_mnist_file
     from pipelines.data.sources import read_idx
+
+    path.mkdir(parents=True)
+    for i, image in enumerate(read_idx(fashion_mnist_file("train", "images"))[:n]):
+        Image.fromarray(image).save(path / f"{i:03d}.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A latent dataset decoded by a tiny saved VAE (4x4 latents -> 32 px), a reference folder
+    of 8 Fashion-MNIST PNGs unique to this test (a fresh cache key) and a classifier."""
     from pipelines.evaluate.classifier import train_classifier
 
     root = tmp_path_factory.mktemp("train-eval")
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(root / "vae")
-    data = make_dataset(root / "latents", vae=str(root / "vae"))
-    images = read_idx(fashion_mnist_file("train", "images"))[:N]
-    (root / "reference").mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(root / "reference" / f"{i:03d}.png")
+    data = make_dataset(root / "latents", vae=str(tiny_vae(root / "vae")))
     train_classifier(root / "classifier", epochs=1, limit=512, progress=False)
-    return {"root": root, "data": data, "reference": root / "reference",
+    return {"root": root, "data": data, "reference": reference_folder(root / "reference"),
             "classifier": root / "classifier"}
 
 

@@ -7,7 +7,7 @@ the metric, the scheduler and per-trial resources; plus the checks run before an
     search:
       model.injection: {grid: [adaln, addition]}
       train.base_lr: {loguniform: [1.0e-5, 1.0e-2]}
-    metric: loss                        # a metric the training loop reports (ASHA acts on it)
+    metric: loss                        # loss, or eval/fid with train.eval_every (ASHA acts on it)
     scheduler: {type: asha, grace_period: 10}
     resources: {workers: 1, cpus_per_worker: 1}
 
@@ -29,13 +29,21 @@ from pipelines.core.config import (absolute_path, apply_overrides, load_config, 
                                    path_field, path_fields)
 from pipelines.data.latents import LatentDataset, check_compatible
 from pipelines.train.config import TrainJobConfig, load_train_config
+from pipelines.train.job import check_evaluation
 
 __all__ = ["SweepConfig", "SchedulerConfig", "TrialResources", "Axis", "SweepJob", "load_sweep",
            "read_sweep_file", "split_overrides", "parse_axes", "trial_overrides",
-           "REPORTED_METRICS", "validate", "resolved_bases", "trial_config"]
+           "REPORTED_METRICS", "EVAL_METRICS", "LOSS_CHANGING_KEYS", "validate", "resolved_bases", "trial_config"]
 
 # What the training loop's ray.train.report carries at each checkpoint (all Tune and ASHA can see).
 REPORTED_METRICS = ("loss", "lr", "epoch", "step")
+# What it adds at every in-training evaluation (train.eval_every, pipelines/train/evaluation.py),
+# with the direction in which each is better.
+EVAL_METRICS = {"eval/fid": "min", "eval/kid": "min", "eval/class_accuracy": "max"}
+# Axes whose values change what the training loss measures (its targets, or their weights): a
+# "best loss" across them means nothing, so such a sweep must rank by an evaluation metric.
+LOSS_CHANGING_KEYS = ("model.objective", "model.scale_construction", "model.loss_weighting",
+                      "model.time_sampling", "model.scales")
 KINDS = ("grid", "choice", "uniform", "loguniform")
 # Above this many grid x choice combinations only each value is checked on its own.
 MAX_COMBINATIONS_CHECKED = 512
@@ -96,9 +104,13 @@ class SweepConfig:
         if self.resources.workers and "train.num_workers" in self.search:
             raise ConfigError("search.train.num_workers and resources.workers both set the worker "
                               "count; keep one")
-        if self.metric not in REPORTED_METRICS:
+        if self.metric not in REPORTED_METRICS + tuple(EVAL_METRICS):
             raise ConfigError(f"metric={self.metric!r} is not reported by the training loop; "
-                              f"choose one of {', '.join(REPORTED_METRICS)}")
+                              f"choose one of {', '.join(REPORTED_METRICS + tuple(EVAL_METRICS))}")
+        better = EVAL_METRICS.get(self.metric)
+        if better and self.mode != better:
+            raise ConfigError(f"metric={self.metric} is better when "
+                              f"{'lower' if better == 'min' else 'higher'}: set mode: {better}")
         if "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"name={self.name!r} must be a plain name (no '/')")
 
@@ -271,11 +283,42 @@ def validate(sweep: SweepConfig, base: Path | None,
     if "data.path" not in sweep.search:
         # Before the axes: the base alone may not fit the data when an axis sets model keys
         # (e.g. the base's scales end at 4, every scales value of the axis ends at 8).
-        _dataset_meta(base_cfg.data.path, metas)
+        # The in-training evaluation's reference, classifier and VAE are checked once here too.
+        check_evaluation(base_cfg, _dataset_meta(base_cfg.data.path, metas))
     for params, what in _params_to_check(axes):
         _check_trial(sweep, bases, params, what, metas)
     _check_asha_length(sweep, base_cfg)
+    check_metric(sweep, axes, base_cfg)
     return axes, base_cfg, bases
+
+
+def check_metric(sweep: SweepConfig, axes, base_cfg: TrainJobConfig) -> None:
+    """The sweep's metric must mean the same in every trial and be reported where ASHA looks:
+    the loss only across axes that leave it comparable; an eval/* metric only when the trials
+    evaluate (train.eval_every), with ASHA's rungs on evaluation steps."""
+    tc, sc = base_cfg.train, sweep.scheduler
+    changing = [a.key for a in axes if a.key in LOSS_CHANGING_KEYS]
+    if sweep.metric == "loss" and changing:
+        raise ConfigError(
+            f"metric=loss cannot rank this sweep: the training loss is not comparable across values "
+            f"of {', '.join(changing)} (they change its targets or their weights). Rank by an "
+            "evaluation metric instead: metric: eval/fid (mode: min), with the trials evaluating, "
+            "e.g. overrides: [train.eval_every=10, train.eval_reference=fashion-mnist:test]")
+    if sweep.metric not in EVAL_METRICS:
+        return
+    if not tc.eval_every:
+        raise ConfigError(f"metric={sweep.metric} is logged by in-training evaluation: set "
+                          "train.eval_every (and train.eval_reference) in the base config or the "
+                          "sweep's overrides")
+    if sweep.metric == "eval/class_accuracy" and not tc.eval_classifier:
+        raise ConfigError("metric=eval/class_accuracy needs train.eval_classifier (a folder with "
+                          "the Fashion-MNIST classifier)")
+    if sweep.metric == "eval/kid" and not tc.eval_kid:
+        raise ConfigError("metric=eval/kid needs train.eval_kid=true")
+    if sc.type == "asha" and sc.time_attr == "step" and sc.grace_period % tc.eval_every:
+        raise ConfigError(f"scheduler.grace_period={sc.grace_period} is not a multiple of "
+                          f"train.eval_every={tc.eval_every}: ASHA's rungs must fall on evaluation "
+                          f"steps, where {sweep.metric} is reported")
 
 
 def _absolute_path_axes(axes, cfg) -> None:

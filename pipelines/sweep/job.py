@@ -138,8 +138,6 @@ def _restored_tuner(exp_dir: str, trainable):
 def _cli(args) -> int:
     report = run_sweep(load_sweep(args.config, args.overrides), resume=args.resume)
     print(report["table"])
-    if report["caveat"]:
-        print(f"note: {report['caveat']}")
     print(f"flowar sweep: {report['counts']}; best {report['metric']} "
           f"{report['best_value']} ({report['best_trial']}); best config: "
           f"{report['best_config']}; summary: {report['dir']}")

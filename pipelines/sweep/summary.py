@@ -1,5 +1,5 @@
-"""The end of a sweep: a table of trials (axis values, final metric, status), a plot of the metric
-per axis value and the best trial's full training config, written beside the Tune experiment and
+"""The end of a sweep: a table of trials (axis values, final metric with each trial's loss and other
+evaluation metrics beside it, status), ranked by the sweep's metric, a plot of the metric per axis value and the best trial's full training config, written beside the Tune experiment and
 logged to the sweep's MLflow parent run.
 
 This module only writes the report, from what it is handed: the trials come settled by the
@@ -25,14 +25,10 @@ from matplotlib.lines import Line2D
 from pipelines.core import tracking
 from pipelines.core.config import dump_yaml
 from pipelines.core.storage import is_uri
-from pipelines.sweep.config import SweepJob, trial_config
+from pipelines.sweep.config import EVAL_METRICS, SweepJob, trial_config
 
-__all__ = ["summarise", "trial_rows", "markdown_table", "best_row", "loss_caveat"]
+__all__ = ["summarise", "trial_rows", "markdown_table", "best_row"]
 
-# Axes whose values change what the training loss measures (its targets, or their weights): a
-# "best loss" across them means nothing, so the summary says so and points at each trial's export.
-LOSS_CHANGING_KEYS = ("model.objective", "model.scale_construction", "model.loss_weighting",
-                      "model.time_sampling", "model.scales")
 STATUSES = ("COMPLETED", "STOPPED_EARLY", "FAILED")
 COLOURS = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "FAILED": "tab:red"}
 
@@ -41,36 +37,38 @@ def summarise(trials: list, job: SweepJob, uri: str, parent_id: str, exp_dir: st
     """Write trials.csv/.md, the plot and the best config; log them on the parent run.
 
     `trials`: pipelines.sweep.trial.SettledTrial, in trial order. Returns what the command line
-    prints: rows, table, metric, dir, caveat, best_trial, best_value, best_config, counts."""
+    prints: rows, table, metric, dir, best_trial, best_value, best_config, counts."""
     metric = job.sweep.metric
-    rows = trial_rows(trials, job.axes, metric)
-    columns = ["trial_id", *(a.key for a in job.axes), metric, "step", "status"]
+    beside = [m for m in ("loss", *EVAL_METRICS) if m != metric
+              and any(m in t.last_result for t in trials)]  # each trial's loss, other eval metrics
+    rows = trial_rows(trials, job.axes, metric, beside)
+    columns = ["trial_id", *(a.key for a in job.axes), metric, *beside, "step", "status"]
     table = markdown_table(rows, columns)
-    caveat = loss_caveat(job.axes, metric)
     best = best_row(rows, metric, job.sweep.mode)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
 
     out = Path(exp_dir) / "summary" if not is_uri(exp_dir) else Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, columns + ["run_id", "export_dir"], out / "trials.csv")
-    (out / "trials.md").write_text(table + "\n" + (f"\n{caveat}\n" if caveat else ""))
-    _plot(rows, job.axes, metric, out / f"{metric}_per_axis.png")
+    (out / "trials.md").write_text(table + "\n")
+    _plot(rows, job.axes, metric, out / f"{metric.replace('/', '_')}_per_axis.png")
     best_config = _write_best_config(job, best, out / "best_config.yaml") if best else ""
-    _log_on_parent(tracking.client(uri), parent_id, out, rows, counts, best, metric, caveat)
-    return {"rows": rows, "table": table, "metric": metric, "dir": str(out), "caveat": caveat,
+    _log_on_parent(tracking.client(uri), parent_id, out, rows, counts, best, metric)
+    return {"rows": rows, "table": table, "metric": metric, "dir": str(out),
             "best_trial": best["trial_id"] if best else "", "best_value": best[metric] if best else None,
             "best_config": best_config, "counts": counts}
 
 
-def trial_rows(trials: list, axes, metric: str) -> list[dict]:
-    """One dict per settled trial: trial_id, each axis, metric, step, status, run_id, export_dir."""
+def trial_rows(trials: list, axes, metric: str, beside=()) -> list[dict]:
+    """One dict per settled trial: trial_id, each axis, the metric and those `beside` it (from
+    its last report; NaN when absent), step, status, run_id, export_dir."""
     rows = []
     for trial in trials:
         last = trial.last_result
-        value = last.get(metric)
+        values = {m: float(last[m]) if isinstance(last.get(m), (int, float)) else float("nan")
+                  for m in (metric, *beside)}
         rows.append({"trial_id": trial.trial_id,
-                     **{a.key: trial.config.get(a.key) for a in axes},
-                     metric: float(value) if isinstance(value, (int, float)) else float("nan"),
+                     **{a.key: trial.config.get(a.key) for a in axes}, **values,
                      "step": last.get("step", ""), "status": trial.status,
                      "run_id": trial.run_id, "export_dir": last.get("export_dir", "")})
     return rows
@@ -83,15 +81,6 @@ def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
     usable = [r for r in rows if math.isfinite(r[metric]) and r["status"] != "FAILED"]
     finished = [r for r in usable if r["status"] == "COMPLETED"] or usable
     return min(finished, key=lambda r: sign * r[metric]) if finished else None
-
-
-def loss_caveat(axes, metric: str) -> str:
-    keys = [a.key for a in axes if a.key in LOSS_CHANGING_KEYS]
-    if metric != "loss" or not keys:
-        return ""
-    return (f"The training loss is not comparable across values of {', '.join(keys)} (the targets "
-            "or their weights differ), so the best trial by loss is not the best model: evaluate "
-            "each trial's export (export_dir in trials.csv) with flowar evaluate.")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -156,7 +145,7 @@ def _plot_axis(ax, rows: list[dict], axis, metric: str) -> None:
 
 
 def _log_on_parent(client, parent_id: str, out: Path, rows: list[dict], counts: dict,
-                   best: dict | None, metric: str, caveat: str) -> None:
+                   best: dict | None, metric: str) -> None:
     """The report as the parent run's artefacts, its counts and best trial as metrics and tags."""
     client.log_artifacts(parent_id, str(out), artifact_path="summary")
     client.log_metric(parent_id, "trials", len(rows))
@@ -166,5 +155,3 @@ def _log_on_parent(client, parent_id: str, out: Path, rows: list[dict], counts: 
         client.log_metric(parent_id, f"best_{metric}", best[metric])
         client.set_tag(parent_id, "best_trial", best["trial_id"])
         client.set_tag(parent_id, "best_run_id", best["run_id"])
-    if caveat:
-        client.set_tag(parent_id, "caveat", caveat)
