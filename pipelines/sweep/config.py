@@ -285,8 +285,8 @@ def validate(sweep: SweepConfig, base: Path | None,
         # (e.g. the base's scales end at 4, every scales value of the axis ends at 8).
         # The in-training evaluation's reference, classifier and VAE are checked once here too.
         check_evaluation(base_cfg, _dataset_meta(base_cfg.data.path, metas))
-    for params, what in _params_to_check(axes):
-        _check_trial(sweep, bases, params, what, metas)
+    for params, what, others in _params_to_check(axes):
+        _check_trial(sweep, bases, params, what, metas, others)
     _check_asha_length(sweep, base_cfg)
     check_metric(sweep, axes, base_cfg)
     return axes, base_cfg, bases
@@ -341,12 +341,14 @@ def _dataset_meta(path: str, cache: dict):
     return cache[path]
 
 
-def _params_to_check(axes) -> Iterator[tuple[dict, str]]:
-    """(axis values, how to name them) for every value of every axis, then every grid x choice
-    combination when there are at most MAX_COMBINATIONS_CHECKED of them."""
+def _params_to_check(axes) -> Iterator[tuple[dict, str, dict]]:
+    """(axis values, how to name them, the other axes' first values) for every value of every
+    axis, then every grid x choice combination when there are at most
+    MAX_COMBINATIONS_CHECKED of them."""
     for axis in axes:
+        others = {a.key: a.values[0] for a in axes if a is not axis}
         for value in axis.checked_values():
-            yield {axis.key: value}, f"search.{axis.key}: value {value!r}"
+            yield {axis.key: value}, f"search.{axis.key}: value {value!r}", others
     sets = [a for a in axes if a.kind in ("grid", "choice")]
     combos = 1
     for a in sets:
@@ -354,16 +356,23 @@ def _params_to_check(axes) -> Iterator[tuple[dict, str]]:
     if len(sets) > 1 and combos <= MAX_COMBINATIONS_CHECKED:
         for values in itertools.product(*(a.values for a in sets)):
             params = {a.key: v for a, v in zip(sets, values)}
-            yield params, "the combination " + ", ".join(f"{k}={v!r}" for k, v in params.items())
+            yield params, "the combination " + ", ".join(f"{k}={v!r}" for k, v in params.items()), {}
 
 
-def _check_trial(sweep: SweepConfig, bases: dict, params: dict, what: str, metas: dict) -> None:
-    """Build the trial config of `params` as the trial will, and check it against its data."""
-    try:
-        cfg = trial_config(sweep, bases, params)
-        check_compatible(_dataset_meta(cfg.data.path, metas), cfg.model)
-    except ConfigError as e:
-        raise ConfigError(f"{what} is refused by the training config: {e}") from None
+def _check_trial(sweep: SweepConfig, bases: dict, params: dict, what: str, metas: dict,
+                 others: dict) -> None:
+    """Build the trial config of `params` as the trial will, and check it against its data.
+    A value refused on the base alone may still fit beside the other axes' values (a seed on a
+    base whose scales only the scales axis makes fit the data): then it is checked with the
+    other axes at their first values, a trial the sweep runs, and refused only if that fails too."""
+    for tried in ((params, {**others, **params}) if others else (params,)):
+        try:
+            cfg = trial_config(sweep, bases, tried)
+            check_compatible(_dataset_meta(cfg.data.path, metas), cfg.model)
+            return
+        except ConfigError as e:
+            error = error if tried is not params else e
+    raise ConfigError(f"{what} is refused by the training config: {error}") from None
 
 
 def _check_asha_length(sweep: SweepConfig, base_cfg: TrainJobConfig) -> None:
