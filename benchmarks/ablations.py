@@ -68,7 +68,7 @@ def read_sweep_file(spec: TableSpec) -> dict:
 def study_overrides(spec: TableSpec, s: StudySettings, home: Path) -> list[str]:
     """What the study adds to the header's command (key=value, as typed)."""
     sweep = read_sweep_file(spec)
-    over = [f"sweep.name={spec.sweep_name}", "sweep.scheduler.type=none", *spec.extra_overrides]
+    over = [f"sweep.name={spec.sweep_name}", "sweep.scheduler.type=none"]
     if sweep.get("metric") != METRIC or sweep.get("mode", "min") != "min":
         over += [f"sweep.metric={METRIC}", "sweep.mode=min"]
     file_seeds = (sweep.get("search") or {}).get(SEED_AXIS, {}).get("grid")

@@ -65,8 +65,6 @@ class TableSpec:
     rows: tuple  # PaperRow, in the paper's order
     claims: tuple = ()  # Claim, checked besides "the paper's best row has the lowest FID"
     no_row: dict = field(default_factory=dict)  # value key -> why the paper has no such row
-    # key=value the study adds to this table's command besides its common overrides
-    extra_overrides: tuple = ()
     reading: str = ""  # how the paper's numbers were read, printed under the table
 
     @property
@@ -117,11 +115,7 @@ TABLE4 = TableSpec(
             "The 8x8 sequences are the sweep file's, mapped as its header maps them: every "
             "octave, skip the 2x2 scale, two coarse jumps. [1, 2, 8] has as many scales as "
             "[1, 4, 8] (the paper's {1, 4, 16} has one fewer than {1, 4, 8, 16}): it tests "
-            "coarser jumps, not fewer scales.",
-    # The file leaves the base's scales at train-tiny's [1, 2, 4], which do not fit the 8x8
-    # latents: `flowar sweep` checks each train.seed value alone on that base and refuses the
-    # sweep. A base that fits changes no trial (every trial sets model.scales from the grid).
-    extra_overrides=("model.scales=[1,2,4,8]",))
+            "coarser jumps, not fewer scales.")
 
 _SF, _SD = ("per_scale", "flow"), ("per_scale", "diffusion")
 _TF, _TD = ("per_token", "flow"), ("per_token", "diffusion")
