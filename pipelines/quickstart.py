@@ -129,7 +129,9 @@ def stage_configs(cfg: QuickstartConfig, home: Path, uri: str) -> StageConfigs:
     encode = load_config(EncodeConfig, CONFIGS / "encode-fashion-mnist.yaml", apply_overrides(
         {"output": str(home / "latents-fashion-mnist"), "vae": {"spec": vae.output},
          "source": {"limit": cfg.images}}, cfg.encode))
-    train_over = apply_overrides({"data": {"path": encode.output}, "mlflow": mlflow}, cfg.train)
+    # The classifier (stage 3) judges the in-training samples too: eval/class_accuracy.
+    train_over = apply_overrides({"data": {"path": encode.output}, "mlflow": mlflow,
+                                  "train": {"eval_classifier": str(home / "classifier")}}, cfg.train)
     train = load_train_config(CONFIGS / "quickstart.yaml", _as_overrides(train_over))
     eval_over = apply_overrides({"mlflow": mlflow, "generation": {"checkpoint": "<after training>"},
                                  "output_dir": str(home / "eval")}, cfg.evaluate)

@@ -17,6 +17,8 @@ SMALL = [
     "train.train.max_steps=300", "train.train.log_every=50", "train.train.checkpoint_every=300",
     "train.train.sample_every=0", "train.train.warmup_steps=20",
     "train.train.ema_decay=0.98",  # a 300-step run: a longer EMA would still hold the init
+    # one in-training evaluation (at the last step) against the evaluation's 200 test images
+    "train.train.eval_samples=50", "train.train.eval_reference_images=200",
     "evaluate.generation.num_samples=100", "evaluate.generation.samples_per_class=10",
     "evaluate.generation.shard_size=50", "evaluate.reference.max_images=200",
     "evaluate.sampler.num_steps=10",
@@ -43,6 +45,14 @@ def test_quickstart_small_trained_beats_untrained(ray_local, tmp_path):
     assert "quickstart/class_accuracy" in run.data.metrics and "quickstart/fid" in run.data.metrics
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "quickstart")]
     assert any(p.endswith(".png") for p in artifacts)
+    # The training evaluated itself at its last step, judged by the quickstart's classifier, and
+    # the evaluation stage found the reference statistics the training had cached.
+    history = {k: mlflow.MlflowClient().get_metric_history(run.info.run_id, f"eval/{k}")
+               for k in ("fid", "kid", "class_accuracy")}
+    assert {k: [m.step for m in h] for k, h in history.items()} == {k: [300] for k in history}
+    assert history["fid"][0].value > 0 and 0 <= history["class_accuracy"][0].value <= 1
+    eval_report = json.loads(next((tmp_path / "eval").glob("**/report.json")).read_text())
+    assert eval_report["reference"]["cached"] is True
 
     # The same judges applied to the same architecture before any training.
     untrained = tmp_path / "untrained"
