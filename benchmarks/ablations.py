@@ -57,6 +57,7 @@ class StudySettings:
     reference: str  # empty: the sweep file's train.eval_reference
     reference_images: int | None  # None: the sweep file's
     checkpoint_every: int
+    concurrent: int = 2  # trials at a time: each trains and evaluates on 1 CPU worker
 
 
 # ----------------------------------------------------------------------------- commands
@@ -68,7 +69,8 @@ def read_sweep_file(spec: TableSpec) -> dict:
 def study_overrides(spec: TableSpec, s: StudySettings, home: Path) -> list[str]:
     """What the study adds to the header's command (key=value, as typed)."""
     sweep = read_sweep_file(spec)
-    over = [f"sweep.name={spec.sweep_name}", "sweep.scheduler.type=none"]
+    over = [f"sweep.name={spec.sweep_name}", "sweep.scheduler.type=none",
+            f"sweep.max_concurrent_trials={s.concurrent}"]
     if sweep.get("metric") != METRIC or sweep.get("mode", "min") != "min":
         over += [f"sweep.metric={METRIC}", "sweep.mode=min"]
     file_seeds = (sweep.get("search") or {}).get(SEED_AXIS, {}).get("grid")
@@ -316,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
                         "1000, whose statistics the quickstart's evaluation caches)")
     r.add_argument("--checkpoint-every", type=_positive(True), default=0,
                    help="steps between checkpoints (resume points); 0 (default): steps/10")
+    r.add_argument("--concurrent", type=_positive(), default=2,
+                   help="trials at a time (default 2: one per core of a 2-core machine; each "
+                        "trial trains and evaluates on one CPU worker)")
     r.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     rp = sub.add_parser("report", help="write the study's Markdown page and plots",
                         description="Read each table's trials.csv, aggregate over seeds, write "
@@ -351,7 +356,7 @@ def main(argv=None) -> int:
             return report(args, home)
         s = StudySettings(args.steps, args.eval_samples, args.eval_every, args.seeds,
                           args.reference, args.reference_images,
-                          args.checkpoint_every or max(10, args.steps // 10))
+                          args.checkpoint_every or max(10, args.steps // 10), args.concurrent)
         return run_study(args.tables, s, home, args.dry_run)
     except StudyError as e:
         print(f"ablations: {e}", file=sys.stderr)
