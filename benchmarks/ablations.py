@@ -246,9 +246,10 @@ def prepare(home: Path) -> None:
 
     cfg = load_config(QuickstartConfig, None, [f"home={home}"])
     stages = stage_configs(cfg, home, tracking_uri(home))
-    init_ray(None, min_cpus=4)  # as the quickstart: Ray Data beside the VAE's 2 workers
-    run_vae_train(stages.vae)
-    run_encode(stages.encode)
+    if not Path(stages.encode.output, "metadata.json").is_file():  # a finished dataset is kept
+        init_ray(None, min_cpus=4)  # as the quickstart: Ray Data beside the VAE's 2 workers
+        run_vae_train(stages.vae)
+        run_encode(stages.encode)
     train_classifier(home / CLASSIFIER, epochs=cfg.classifier_epochs, limit=cfg.classifier_images)
 
 
