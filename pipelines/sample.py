@@ -11,19 +11,25 @@ Each sample is defined like in `flowar evaluate`: sample j of class c has index 
 and its noise is seeded from (seed, index); with --per-class equal to the evaluation's
 samples_per_class these are the evaluation's samples of that class. Runs in
 this process (no Ray): it is for looking at a few images, not for 50,000.
+
+Sampler settings: when <checkpoint>/sampler.json exists (the lowest-FID setting of a `flowar
+evaluate` sampler grid), the sampler starts from it; --config's sampler: section, then the
+sampler.* overrides, override it (sampler.json < --config < command line). One line says which
+values came from it. A malformed sampler.json is refused, naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import yaml
 
-from flowar.config import ConfigError, SamplerConfig
+from flowar.config import ConfigError, SamplerConfig, to_dict
 from pipelines.core import storage
-from pipelines.core.config import load_config
+from pipelines.core.config import apply_overrides, load_config, parse_overrides
 from pipelines.evaluate.export import check_sampler_for_export, checked_export, generator_spec
 
 __all__ = ["SampleConfig", "run_sample", "sample_images", "parse_classes", "register"]
@@ -105,7 +111,7 @@ def run_sample(cfg: SampleConfig) -> dict:
         for img, i in zip(images, indices):
             files.append(storage.display(save_png(img.transpose(1, 2, 0).copy(), storage.join(
                 cfg.images_dir, f"class{i // cfg.per_class}_{i:06d}.png"))))
-    return {"grid": grid, "count": len(images), "files": files}
+    return {"grid": grid, "count": len(images), "files": files, "sampler": to_dict(cfg.sampler)}
 
 
 def _check_output(key: str, place: str) -> None:
@@ -126,7 +132,8 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="model folder written by save_pretrained (a training export): "
                                       "a path or a URI such as s3://bucket/run/export")
-    p.add_argument("overrides", nargs="*", help="sampler.key=value, e.g. sampler.cfg=2.0 sampler.num_steps=50")
+    p.add_argument("overrides", nargs="*", help="sampler.key=value, e.g. sampler.cfg=2.0 sampler.num_steps=50; "
+                                                "unset keys come from <checkpoint>/sampler.json when it exists")
     p.add_argument("--classes", default="", help="comma-separated class indices (default: all)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class = images per grid row")
     p.add_argument("--seed", type=int, default=0)
@@ -147,18 +154,26 @@ class _SamplerOnly:
 
 
 def _sampler(args) -> SamplerConfig:
-    """--config's `sampler:` section, then the sampler.* overrides (checked against the export
-    when it is read, sample_images)."""
-    base = None
+    """<checkpoint>/sampler.json, then --config's `sampler:` section, then the sampler.*
+    overrides (checked against the export when it is read, sample_images)."""
+    from pipelines.evaluate.search import sampler_base  # light: no torch, Ray or MLflow
+
+    section = {}
     if args.config:
         try:
             text = storage.read_bytes(args.config).decode()  # a path or a URI
         except (OSError, ValueError) as e:
             raise ConfigError(f"--config {args.config!r}: cannot read it ({e})") from None
-        base = {"sampler": (yaml.safe_load(text) or {}).get("sampler", {})}
+        section = (yaml.safe_load(text) or {}).get("sampler") or {}
     bad = [o for o in args.overrides if not o.startswith("sampler.")]
     if bad:
         raise ConfigError(f"flowar sample takes only sampler.* overrides, got {bad}")
+    given = apply_overrides(section if isinstance(section, dict) else {},
+                            parse_overrides(args.overrides).get("sampler", {}))
+    base, note = sampler_base(args.checkpoint, given)
+    if note:
+        print(f"flowar sample: {note}", file=sys.stderr)
+    base = apply_overrides(base, {"sampler": section})
     return load_config(_SamplerOnly, None, args.overrides, base=base).sampler
 
 
@@ -177,7 +192,8 @@ def _cli(args) -> int:
     cfg = SampleConfig(args.checkpoint, _classes(args.classes), args.per_class, sampler, args.seed,
                        args.out, args.images_dir, args.vae, args.batch_size, args.device)
     done = run_sample(cfg)
-    print(f"wrote {done['count']} samples as {done['grid']}")
+    used = " ".join(f"{k}={v}" for k, v in done["sampler"].items())
+    print(f"wrote {done['count']} samples as {done['grid']} (sampler: {used})")
     if cfg.images_dir:
         print(f"wrote {done['count']} files to {storage.display(cfg.images_dir)}")
     return 0

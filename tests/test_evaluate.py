@@ -17,10 +17,9 @@ BASE = ["generation.num_samples=12", "generation.samples_per_class=2", "generati
         "reference.shard_size=12", "metrics.kid=true", "metrics.prc=true"]
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A training export: a tiny FlowAR's from_pretrained folder with latents.json naming a tiny
-    AutoencoderKL (random weights) saved beside it."""
+def make_export(d):
+    """A training export under folder `d`: a tiny FlowAR's from_pretrained folder (d/model) with
+    latents.json naming a tiny AutoencoderKL (random weights) saved beside it (d/vae)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -28,7 +27,6 @@ def export(tmp_path_factory):
     from flowar.vae import load_vae
     from pipelines.data.latents import LatentDatasetMeta
 
-    d = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     FlowAR.from_preset("tiny", latent_channels=4, scales=(1, 2, 4), num_classes=10).save_pretrained(d / "model")
     AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
@@ -39,6 +37,11 @@ def export(tmp_path_factory):
                              scales=[1, 2, 4], num_classes=10)
     (d / "model" / "latents.json").write_text(meta.to_json())
     return d
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return make_export(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,9 @@ def runs(ray_local, export, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     # The export names its training run and step (config.json "training"), as flowar train's does.
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as train_run:
+    exp_id = mlflow.MlflowClient(uri).create_experiment(
+        "training", artifact_location=(tmp / "artifacts").as_uri())  # not ./mlruns
+    with mlflow.start_run(experiment_id=exp_id) as train_run:
         pass
     FlowAR.from_pretrained(export / "model").save_pretrained(
         export / "model", extra={"training": {"mlflow_run_id": train_run.info.run_id, "step": 7}})
@@ -142,16 +147,35 @@ def test_report_and_mlflow(runs):
     saved = json.loads((runs["tmp"] / "one" / "report.json").read_text())
     assert saved["config"]["sampler"]["cfg"] == 2.0 and saved["settings"]["seed"] == 0
     client = mlflow.tracking.MlflowClient(runs["uri"])
-    assert rep["mlflow_run_id"] == runs["train_run_id"] and rep["step"] == 7  # from the export
-    run = client.get_run(rep["mlflow_run_id"])
-    hist = client.get_metric_history(run.info.run_id, "eval/fid")
-    # three evaluations of the same export logged into its training run, at its step
-    assert [m.step for m in hist] == [7, 7, 7]
+    train_id = runs["train_run_id"]
+    assert rep["step"] == 7 and rep["mlflow"]["parent_run_id"] == train_id  # from the export
+    assert saved["mlflow_run_id"] == rep["mlflow_run_id"] and saved["mlflow"]["parent_run_id"] == train_id
+    # The three evaluations (1 worker, 2 workers, resumed) have the same settings, so they are
+    # one child run of the training run, created once and resumed twice, in its experiment.
+    exp_id = client.get_run(train_id).info.experiment_id
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{train_id}'")
+    assert [c.info.run_id for c in children] == [rep["mlflow_run_id"]]
+    assert {runs[k]["mlflow_run_id"] for k in ("one", "two", "resumed")} == {rep["mlflow_run_id"]}
+    assert [runs[k]["mlflow"]["resumed"] for k in ("one", "two", "resumed")] == [False, True, True]
+    child = children[0]
+    assert child.info.status == "FINISHED"
+    assert child.info.run_name.startswith("eval cfg=2 gh=0.9 steps=4 [")
+    assert child.info.run_name == rep["mlflow"]["run_name"]
+    hist = client.get_metric_history(child.info.run_id, "eval/fid")
+    assert [m.step for m in hist] == [7, 7, 7]  # each evaluation logged at the checkpoint step
     assert hist[0].value == pytest.approx(rep["results"]["fid"])
-    assert "eval/inception_score" not in run.data.metrics
-    assert run.data.tags["eval/inception_score"].startswith("unavailable")
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert arts == {"eval/report.json", "eval/samples.png"}
+    assert "eval/inception_score" not in child.data.metrics
+    assert child.data.tags["eval/inception_score"].startswith("unavailable")
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"report.json", "samples.png"}
+    params = child.data.params
+    assert (params["sampler.cfg"], params["sampler.num_steps"], params["generation.num_samples"],
+            params["generation.seed"], params["reference.source"]) == ("2.0", "4", "12", "0",
+                                                                       "fashion-mnist:test")
+    assert params["checkpoint"] == rep["settings"]["checkpoint"]
+    # Nothing goes into the training run itself any more.
+    train = client.get_run(train_id)
+    assert not [k for k in train.data.metrics if k.startswith("eval/")]
+    assert not client.list_artifacts(train_id)
 
 
 def test_sample_cli_writes_grid_and_files_of_the_evaluated_samples(runs, export, tmp_path):

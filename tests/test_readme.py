@@ -120,9 +120,14 @@ def test_stage_runs_land_in_default_store(readme_run, stage):
     client = MlflowClient(f"sqlite:///{store}")
     stray = [p for p in Path("/tmp").glob("ray/session_*/**/flowar-runs/mlflow.db")]
     assert sorted(work.rglob("mlflow.db")) == [store] and not stray, stray
-    if stage == "evaluate":  # logged into the training run of the export it evaluated
-        runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT["train"]).experiment_id])
+    if stage == "evaluate":  # a child run of the training run of the export it evaluated
+        from pipelines.evaluate.export import read_training_link
+
+        train_id = read_training_link(work / "flowar-runs" / "export")["run_id"]
+        exp_id = client.get_experiment_by_name(EXPERIMENT["train"]).experiment_id
+        runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{train_id}'")
         assert any("eval/fid" in r.data.metrics for r in runs), [r.data.metrics for r in runs]
+        assert "eval/fid" not in client.get_run(train_id).data.metrics  # not in the parent
         return
     exp = client.get_experiment_by_name(EXPERIMENT[stage])
     assert exp is not None, f"no experiment {EXPERIMENT[stage]!r} in {store}"

@@ -18,8 +18,11 @@ from urllib.parse import urlsplit
 from flowar.config import ConfigError
 from pipelines.core.config import dump_yaml, flatten
 
-__all__ = ["check_reachable", "start_or_resume_run", "log_config", "log_metrics", "log_image",
-           "log_artifacts", "end_run", "fail_run_if_running", "git_commit", "client"]
+__all__ = ["check_reachable", "start_or_resume_run", "start_or_resume_child_run", "log_config",
+           "log_new_params", "log_metrics", "log_image", "log_artifacts", "end_run",
+           "fail_run_if_running", "git_commit", "client", "PARENT_TAG"]
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
 
 
 def client(uri: str):
@@ -82,6 +85,39 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str,
         return run_id, True
     run = c.create_run(exp_id, run_name=run_name)
     return run.info.run_id, False
+
+
+def start_or_resume_child_run(uri: str, parent_id: str, run_name: str,
+                              tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """The id of the child run of `parent_id` called `run_name` (created in the parent's
+    experiment when absent, with `tags`) and whether it existed. Resuming by name makes a
+    re-run of the same work land in the same child instead of a duplicate."""
+    c = client(uri)
+    exp_id = c.get_run(parent_id).info.experiment_id
+    found = c.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}' and "
+                                                  f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                          max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = c.create_run(exp_id, run_name=run_name, tags={**(tags or {}), PARENT_TAG: parent_id})
+    return run.info.run_id, False
+
+
+def log_new_params(c, run_id: str, params: dict[str, str]) -> None:
+    """Log the params the run does not have yet; MLflow params are immutable, so a value that
+    differs from the logged one is recorded as a `changed.<key>` tag instead of failing."""
+    from mlflow.entities import Param, RunTag
+
+    existing = c.get_run(run_id).data.params
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    changed = [RunTag(f"changed.{k}", str(v)) for k, v in params.items()
+               if k in existing and existing[k] != str(v)[:6000]]
+    for i in range(0, len(new), 100):  # MLflow's batch limit is 100 params
+        c.log_batch(run_id, params=new[i:i + 100])
+    if changed:
+        c.log_batch(run_id, tags=changed)
 
 
 def log_config(uri: str, run_id: str, cfg, config_path: str | None, tags: dict[str, str]) -> None:

@@ -12,21 +12,46 @@ the reference. KID and precision/recall use bounded, seeded feature subsets
 (metrics.feature_subset_size), recorded in the report; the metrics are torch-fidelity's formulas.
 Reference statistics come from an image source (computed by the same actors, cached by source,
 extractor and resolution) or an ADM-style .npz. The export, the reference and the output folder
-are local paths or storage URIs (s3://...). Results go to MLflow (the training run when known),
-as a table and a JSON report.
+are local paths or storage URIs (s3://...).
+
+MLflow: each evaluation is its own run, a child of the export's training run (or of run_id=,
+or of a run named eval-<export folder> in mlflow.experiment when the store has no training run),
+named after its sampler settings and a hash of everything that decides its numbers, e.g.
+`eval cfg=2 gh=0.9 steps=25 [ab12cd34]`. Re-running the same evaluation resumes that child;
+another sampler setting is another child, so no evaluation overwrites another. The child holds
+the metrics at the checkpoint step, the settings as params, report.json and samples.png.
+
+Sampler grids: a list for sampler keys evaluates every combination (the cartesian product, in
+the order given), each as its own child run, sharing the cached reference statistics:
+
+    flowar evaluate CONFIG generation.checkpoint=runs/export 'sampler.cfg=[1.5,2,3,4]' \\
+        'sampler.guidance_high=[0.7,0.9]' 'sampler.num_steps=[10,25]'
+
+(or lists in the config file's sampler: section). Every combination is checked before any
+work. With output_dir= each combination gets a subfolder of it. At the end: a table (printed,
+and logged on the parent run), a plot of FID against sampler.cfg, and the lowest-FID setting
+written beside the export as <checkpoint>/sampler.json. Only sampler keys take lists, and a
+grid needs metrics.fid=true (the best setting is chosen by FID).
+
+Sampler defaults: when <checkpoint>/sampler.json exists, the sampler section starts from it;
+the config file's sampler keys, then the command line, override it (sampler.json < config
+file < command line). One line says which values came from it. `flowar sample` does the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+import sys
 import tempfile
 from pathlib import Path
 
-from flowar.config import ConfigError, to_dict
+from flowar.config import ConfigError, SamplerConfig, to_dict
 from pipelines.core import tracking
-from pipelines.core.config import add_job_parser, flowar_home, load_config
+from pipelines.core.config import add_job_parser, flowar_home
 from pipelines.core.ray_runtime import init_ray
+from pipelines.evaluate import search
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.export import (check_sampler_for_export, checked_export, checkpoint_identity,
                                        generator_spec, read_training_link)
@@ -38,7 +63,8 @@ __all__ = ["run_evaluate", "EvalConfig", "read_training_link", "check_sampler_fo
 
 
 def run_evaluate(cfg: EvalConfig) -> dict:
-    """Run the evaluation; returns the report (also written to <output_dir>/report.json)."""
+    """Run one evaluation; returns the report (also written to <output_dir>/report.json).
+    A sampler grid is a loop over this (pipelines/evaluate/search.py)."""
     # Ray, torch and MLflow load here, not at import: `flowar --help` imports this module.
     from pipelines.evaluate import shards
     from pipelines.evaluate.metrics import requested_metrics
@@ -48,7 +74,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     generator = generator_spec(ckpt, cfg.sampler, vae=g.vae, seed=g.seed,
                                samples_per_class=g.samples_per_class, use_ema=g.use_ema)
     link = read_training_link(ckpt)
-    run_id, run_note = resolve_run(cfg, link)
+    parent_id, parent_note = resolve_run(cfg, link)
     spec = check_reference(cfg.reference)  # a bad reference fails now, not after 50,000 samples
 
     init_ray(cfg.ray)
@@ -69,16 +95,10 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     step = cfg.step if cfg.step >= 0 else int(link.get("step", 0))
     done = {"generated": generated, "reference": reference, "run": run, "extractor": extractor,
             "resolution": resolution, "workers": worker_info}
-    report = build_report(cfg, results, done, settings, step, out,
-                          {"logged_to": run_note, "training_run_id": link.get("run_id", "")})
-    with tempfile.TemporaryDirectory(prefix="flowar-eval-") as tmp:  # written here, then copied
-        grid_path = shards.save_sample_grid(generated["grid"], g.grid_per_class, Path(tmp) / "samples.png")
-        report_path = Path(tmp) / "report.json"
-        report_path.write_text(json.dumps(report, indent=1, default=str))
-        for path in (report_path, grid_path):
-            if path is not None:
-                out.put_file(path, path.name)
-        report["mlflow_run_id"] = shards.log_to_mlflow(cfg, run_id, step, results, report_path, grid_path)
+    mlflow = open_child_run(cfg, ckpt, parent_id, parent_note, settings)
+    mlflow["training_run_id"] = link.get("run_id", "")
+    report = build_report(cfg, results, done, settings, step, out, mlflow)
+    publish(cfg, report, generated["grid"], out)
     shards.print_table(results, report)
     return report
 
@@ -88,19 +108,89 @@ def run_evaluate(cfg: EvalConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def resolve_run(cfg: EvalConfig, link: dict) -> tuple[str, str]:
-    """(run id to log into or "", note). An explicit run_id must exist in the store; the
-    export's training run is used when this store has it, else a new run records its id."""
+    """(the parent run of the evaluation's child run, or "" for a run found or made by name at
+    the end; a note saying which). An explicit run_id must exist in the store; the export's
+    training run is used when this store has it."""
     run_id = cfg.run_id or link.get("run_id", "")
     if not run_id:
-        return "", "new run"
+        return "", "a run named after the export (no training run recorded)"
     uri = cfg.mlflow.resolved_uri()
     try:
         tracking.client(uri).get_run(run_id)
-        return run_id, "training run"
+        return run_id, "run_id" if cfg.run_id else "the export's training run"
     except Exception:  # noqa: BLE001 (mlflow raises MlflowException or a store error)
         if cfg.run_id:
             raise ConfigError(f"run_id={run_id!r} is not a run of the MLflow store {uri}") from None
-        return "", f"new run (training run {run_id} is not in {uri})"
+        return "", f"a run named after the export (training run {run_id} is not in {uri})"
+
+
+def open_child_run(cfg: EvalConfig, ckpt: str, parent_id: str, note: str, settings: dict) -> dict:
+    """Create, or resume by name, the evaluation's own MLflow run: a child of `parent_id`, else
+    of a run named eval-<export folder> (mlflow.run_name when set) in mlflow.experiment. Its
+    name is the sampler settings and a hash of everything that decides the numbers, so the same
+    evaluation run again lands in the same child and another one never overwrites it."""
+    uri = cfg.mlflow.resolved_uri()
+    if not parent_id:
+        name = cfg.mlflow.run_name or f"eval-{posixpath.basename(ckpt.rstrip('/'))}"
+        parent_id, _ = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, name,
+                                                    cfg.mlflow.artifact_location)
+        tracking.end_run(uri, parent_id, "FINISHED")  # it only groups evaluations: nothing runs in it
+    key = settings_key(result_identity(cfg, settings))[:8]
+    name = child_run_name(cfg.sampler, key)
+    run_id, resumed = tracking.start_or_resume_child_run(uri, parent_id, name, {"flowar.evaluation": key})
+    return {"run_id": run_id, "run_name": name, "resumed": resumed, "parent_run_id": parent_id,
+            "parent": note}
+
+
+def result_identity(cfg: EvalConfig, settings: dict) -> dict:
+    """What decides an evaluation's numbers: the generated shards' settings, the reference and
+    the metrics' settings (one child run per distinct identity)."""
+    r = cfg.reference
+    return {**settings, "reference": [r.source, r.resolution, r.max_images],
+            "metrics": to_dict(cfg.metrics)}
+
+
+# Short names of the sampler keys in child run names; the others appear when not the default.
+_SHORT = {"cfg": "cfg", "guidance_high": "gh", "num_steps": "steps", "guidance_low": "gl",
+          "cfg_schedule": "schedule", "time_grid": "grid", "solver": "solver"}
+
+
+def child_run_name(sampler: SamplerConfig, key: str) -> str:
+    """e.g. `eval cfg=2 gh=0.9 steps=25 [ab12cd34]`."""
+    values, default = to_dict(sampler), to_dict(SamplerConfig())
+    shown = [k for k in _SHORT if k in ("cfg", "guidance_high", "num_steps") or values[k] != default[k]]
+    text = " ".join(f"{_SHORT[k]}={values[k]:g}" if isinstance(values[k], float) else
+                    f"{_SHORT[k]}={values[k]}" for k in shown)
+    return f"eval {text} [{key}]"
+
+
+def child_params(cfg: EvalConfig, ckpt: str) -> dict:
+    """The child run's params: the sampler settings and what the numbers were measured on."""
+    g = cfg.generation
+    return {**{f"sampler.{k}": v for k, v in to_dict(cfg.sampler).items()},
+            "generation.num_samples": g.num_samples, "generation.seed": g.seed,
+            "reference.source": cfg.reference.source, "checkpoint": ckpt}
+
+
+def publish(cfg: EvalConfig, report: dict, grid: list, out) -> None:
+    """The grid and report.json into the output folder, then everything into the child run
+    (which ends FAILED, not RUNNING, when either fails)."""
+    from pipelines.evaluate import shards
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="flowar-eval-") as tmp:  # written here, then copied
+            grid_path = shards.save_sample_grid(grid, cfg.generation.grid_per_class, Path(tmp) / "samples.png")
+            report_path = Path(tmp) / "report.json"
+            report_path.write_text(json.dumps(report, indent=1, default=str))
+            for path in (report_path, grid_path):
+                if path is not None:
+                    out.put_file(path, path.name)
+            shards.log_to_mlflow(cfg, report["mlflow_run_id"], report["step"], report["results"],
+                                 child_params(cfg, report["settings"]["checkpoint"]),
+                                 [report_path, grid_path])
+    except BaseException:
+        tracking.fail_run_if_running(tracking.client(cfg.mlflow.resolved_uri()), report["mlflow_run_id"])
+        raise
 
 
 def check_reference(ref) -> dict:
@@ -124,7 +214,9 @@ def evaluation_settings(cfg: EvalConfig, ckpt: str, generator: dict, extractor: 
     folder (its hash) and guards a resumed one: shards of other settings are never mixed in."""
     g, m = cfg.generation, cfg.metrics
     keep_features = m.kid or m.prc
-    return {"checkpoint": ckpt, "checkpoint_files": checkpoint_identity(ckpt),
+    # sampler.json is written beside the model by a sampler grid: it is not the model
+    files = {k: v for k, v in checkpoint_identity(ckpt).items() if k != search.SAMPLER_FILE}
+    return {"checkpoint": ckpt, "checkpoint_files": files,
             "weights": "ema" if generator["ema_file"] else "model", "vae": generator["vae"],
             "sampler": to_dict(cfg.sampler), "seed": g.seed, "num_samples": g.num_samples,
             "samples_per_class": g.samples_per_class, "batch_size": g.batch_size,
@@ -168,7 +260,7 @@ def build_report(cfg: EvalConfig, results: dict, done: dict, settings: dict, ste
                  mlflow: dict) -> dict:
     """report.json: the results and everything needed to read them (counts, resolutions, the
     extractor, the reference, the feature subsets, shards resumed/computed and where, throughput,
-    workers and their nodes, settings, config)."""
+    workers and their nodes, settings, config) and the MLflow child run and its parent."""
     gen, ref, run = done["generated"], done["reference"], done["run"]
     subsets = feature_subsets(cfg, gen, ref)
     return {"results": results, "step": step, "num_generated": gen["stats"].count,
@@ -179,7 +271,8 @@ def build_report(cfg: EvalConfig, results: dict, done: dict, settings: dict, ste
             "shards": {"total": run["resumed"] + run["computed"], "resumed": run["resumed"],
                        "computed": run["computed"], "by_node": run["shards_by_node"]},
             "throughput": run["throughput"], "workers": done["workers"],
-            "settings": settings, "config": to_dict(cfg), "output_dir": str(out), "mlflow": mlflow}
+            "settings": settings, "config": to_dict(cfg), "output_dir": str(out),
+            "mlflow_run_id": mlflow["run_id"], "mlflow": mlflow}
 
 
 def feature_subsets(cfg: EvalConfig, gen: dict, ref: dict) -> dict:
@@ -207,21 +300,28 @@ def feature_subsets(cfg: EvalConfig, gen: dict, ref: dict) -> dict:
 def register(subparsers) -> None:
     add_job_parser(
         subparsers, "evaluate", run=_cli, load=_load, raw_description=True, config_optional=True,
-        help="FID / IS / KID / precision-recall of a checkpoint, sharded over Ray",
+        help="FID / IS / KID / precision-recall of a checkpoint, sharded over Ray; sampler grids",
         description=__doc__, config_help="YAML config (see configs/eval-*.yaml)",
-        overrides_example="sampler.cfg=2.0 generation.num_samples=10000 metrics.prc=true")
+        overrides_example="sampler.cfg=2.0 generation.num_samples=10000 metrics.prc=true "
+                          "'sampler.cfg=[1.5,2,3]' (a list: a sampler grid)")
 
 
-def _load(args) -> EvalConfig:
+def _plan(args) -> "search.EvalPlan":
     overrides = list(args.overrides)
     path = args.config
     if path and "=" in path and not Path(path).is_file():  # only overrides were given
         overrides, path = [path] + overrides, None
-    cfg = load_config(EvalConfig, path, overrides)
-    check_sampler_for_export(cfg.generation.checkpoint, cfg.sampler)
-    return cfg
+    plan = search.load_plan(path, overrides)
+    if plan.defaults_note:
+        print(f"flowar evaluate: {plan.defaults_note}", file=sys.stderr)
+    return plan
+
+
+def _load(args):
+    """The resolved config (--print-config): a grid's has lists in its sampler section."""
+    return _plan(args).printable()
 
 
 def _cli(args) -> int:
-    run_evaluate(_load(args))
+    search.run_plan(_plan(args))
     return 0

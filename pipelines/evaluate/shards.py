@@ -1,5 +1,5 @@
 """The driver side of `flowar evaluate`: Ray actors, resumable shards, reference statistics,
-and the outputs (sample grid, MLflow, table).
+and the outputs (sample grid, the evaluation's MLflow run, table).
 
 A shard is an index range; its result is written as one .npz in the output folder (a local path
 or a URI, pipelines/evaluate/outputs.py) as soon as it arrives, and a shard whose file exists is
@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import ray
 from tqdm import tqdm
@@ -234,27 +233,29 @@ def save_sample_grid(images: list, per_row: int, path: Path) -> Path | None:
     return save_png(image_grid(np.stack(images), per_row), path)
 
 
-def log_to_mlflow(cfg, run_id: str, step: int, results: dict, report_path: Path,
-                  grid_path: Path | None) -> str:
-    """Metrics (at the checkpoint step), the grid and the report into the training run (when
-    known) or a new run. Unavailable metrics are tags, never numbers."""
-    mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
+def log_to_mlflow(cfg, run_id: str, step: int, results: dict, params: dict, files: list) -> None:
+    """Into the evaluation's own MLflow run `run_id` (a child run, job.open_child_run): the
+    metrics at the checkpoint step (unavailable ones as tags, never numbers), the settings as
+    params, and `files` (the report, the grid; None skipped) as artefacts. The run ends
+    FINISHED, or FAILED when logging fails."""
+    from pipelines.core import tracking
+
+    c = tracking.client(cfg.mlflow.resolved_uri())
     prefix = cfg.metric_prefix.rstrip("/") + "/" if cfg.metric_prefix else ""
-    if run_id:
-        ctx = mlflow.start_run(run_id=run_id)
-    else:
-        mlflow.set_experiment(cfg.mlflow.experiment)
-        ctx = mlflow.start_run(run_name=cfg.mlflow.run_name or f"eval-{Path(cfg.generation.checkpoint).name}")
-    with ctx as run:
+    try:
         nums = {f"{prefix}{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
-        mlflow.log_metrics(nums, step=step)
+        tracking.log_metrics(c, run_id, nums, step)
         for k, v in results.items():
             if isinstance(v, str):
-                mlflow.set_tag(f"{prefix}{k}", v)
-        mlflow.log_artifact(str(report_path), artifact_path=prefix.rstrip("/") or None)
-        if grid_path is not None:
-            mlflow.log_artifact(str(grid_path), artifact_path=prefix.rstrip("/") or None)
-        return run.info.run_id
+                c.set_tag(run_id, f"{prefix}{k}", v)
+        tracking.log_new_params(c, run_id, params)
+        for path in files:
+            if path is not None:
+                c.log_artifact(run_id, str(path))
+    except BaseException:
+        c.set_terminated(run_id, status="FAILED")
+        raise
+    c.set_terminated(run_id, status="FINISHED")
 
 
 def print_table(results: dict, report: dict) -> None:
