@@ -91,7 +91,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     with _stage("4/6 train (flowar train, 2 workers)", timings):
         result = run_train(stages.train, str(CONFIGS / "quickstart.yaml"))
         export = (result.metrics or {}).get("export_dir")
-        # the export records its training run; `flowar evaluate` logs into it from there too
+        # the export records its training run; `flowar evaluate` logs a child run of it
         run_id = read_training_link(Path(export)).get("run_id", "")
     with _stage("5/6 evaluate (flowar evaluate: FID vs the test set)", timings):
         report = evaluate_export(export, stages.evaluate)

@@ -31,7 +31,9 @@ SMALL = {
             "train.log_every=6", "train.image_every=12"],
     "encode": ["source.limit=600", "encode.shard_size=300"],
     "train": ["train.max_steps=6", "train.log_every=2", "train.checkpoint_every=6",
-              "train.sample_every=0", "train.warmup_steps=2"],
+              "train.sample_every=0", "train.warmup_steps=2",
+              # one in-training evaluation, at step 6, against the evaluate stage's 40 images
+              "train.eval_samples=10", "train.eval_reference_images=40"],
     "sample": ["--per-class", "2", "sampler.num_steps=4"],
     "evaluate": ["generation.num_samples=20", "generation.samples_per_class=2",
                  "generation.shard_size=10", "generation.batch_size=10", "reference.max_images=40",
@@ -127,7 +129,8 @@ def test_stage_runs_land_in_default_store(readme_run, stage):
         exp_id = client.get_experiment_by_name(EXPERIMENT["train"]).experiment_id
         runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{train_id}'")
         assert any("eval/fid" in r.data.metrics for r in runs), [r.data.metrics for r in runs]
-        assert "eval/fid" not in client.get_run(train_id).data.metrics  # not in the parent
+        # the training run holds its own in-training evaluation only (one point, at step 6)
+        assert [m.step for m in client.get_metric_history(train_id, "eval/fid")] == [6]
         return
     exp = client.get_experiment_by_name(EXPERIMENT[stage])
     assert exp is not None, f"no experiment {EXPERIMENT[stage]!r} in {store}"
