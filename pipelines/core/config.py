@@ -32,8 +32,8 @@ import yaml
 from flowar.config import ConfigError, from_dict, to_dict
 from pipelines.core.storage import is_uri
 
-__all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "parse_overrides",
-           "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri",
+__all__ = ["ConfigError", "MLflowConfig", "RayConfig", "load_config", "read_yaml_mapping",
+           "parse_overrides", "apply_overrides", "flatten", "dump_yaml", "config_hash", "default_tracking_uri",
            "add_print_config", "add_job_parser", "flowar_home", "path_field", "resolve_paths", "path_fields",
            "paths_as_given", "absolute_path", "default_storage_path", "local_tracking_uri",
            "HOME_DEFAULT", "RAY_RESULTS"]
@@ -212,20 +212,26 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A config file's top-level mapping; ConfigError naming the file when it is missing, not
+    YAML, or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
 def load_config(cls, path: str | os.PathLike | None = None, overrides=(), base: dict | None = None):
     """YAML file (optional) + base dict + key=value overrides -> a validated `cls` instance."""
     data = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-        data = apply_overrides(data, loaded)
+        data = apply_overrides(data, read_yaml_mapping(path))
     if isinstance(overrides, dict):
         data = apply_overrides(data, overrides)
     else:

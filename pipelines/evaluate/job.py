@@ -196,17 +196,12 @@ def publish(cfg: EvalConfig, report: dict, grid: list, out) -> None:
 def check_reference(ref) -> dict:
     """The reference (pipelines.evaluate.reference's spec), refused when it cannot be read: a
     .npz must hold statistics, an image source must exist and hold images."""
-    from pipelines.evaluate.reference import reference_spec
+    from pipelines.evaluate.reference import checked_reference_spec
 
     try:
-        spec = reference_spec(ref.source, ref.max_images)
-        if spec["kind"] == "npz":
-            from pipelines.evaluate.metrics import load_reference_npz  # numpy and torch-fidelity
-
-            load_reference_npz(ref.source)
+        return checked_reference_spec(ref.source, ref.max_images)
     except (OSError, ValueError) as e:
         raise ConfigError(f"reference.source: {e}") from None
-    return spec
 
 
 def evaluation_settings(cfg: EvalConfig, ckpt: str, generator: dict, extractor: dict) -> dict:

@@ -36,6 +36,18 @@ def reference_spec(source: str, max_images: int = 0) -> dict:
     return spec
 
 
+def checked_reference_spec(source: str, max_images: int = 0) -> dict:
+    """reference_spec, with a statistics .npz also opened and checked; ValueError or OSError
+    naming the source when it cannot be read (flowar evaluate and the in-training evaluation
+    refuse a bad reference before any work)."""
+    spec = reference_spec(source, max_images)
+    if spec["kind"] == "npz":
+        from pipelines.evaluate.metrics import load_reference_npz  # numpy and torch-fidelity
+
+        load_reference_npz(source)
+    return spec
+
+
 def folder_spec(path: str) -> dict:
     """{kind: folder, path, count, dirs: [[relative dir, images in it], ...], digest}."""
     import pyarrow.fs as pafs

@@ -26,12 +26,10 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from flowar.config import ConfigError, SamplerConfig, from_dict, to_dict
 from pipelines.core import storage
 from pipelines.core.config import (absolute_path, apply_overrides, flowar_home, load_config,
-                                   parse_overrides)
+                                   parse_overrides, read_yaml_mapping)
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.export import check_sampler_for_export, read_text
 
@@ -108,7 +106,7 @@ class EvalPlan:
 
 def load_plan(path: str | None, overrides: list[str]) -> EvalPlan:
     """The config file and key=value overrides as the evaluations they ask for."""
-    given = apply_overrides(_read_file(path) if path else {}, parse_overrides(overrides))
+    given = apply_overrides(read_yaml_mapping(path) if path else {}, parse_overrides(overrides))
     sampler = given.get("sampler") if isinstance(given.get("sampler"), dict) else {}
     _refuse_other_lists(EvalConfig, given)
     varying = _grid_keys(sampler)
@@ -131,18 +129,7 @@ def load_plan(path: str | None, overrides: list[str]) -> EvalPlan:
     return EvalPlan(evaluations, typed, combos, out, note)
 
 
-def _read_file(path: str) -> dict:
-    """The YAML config file (load_config's messages)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-    return data
+
 
 
 def _refuse_other_lists(cls, data: dict, prefix: str = "") -> None:

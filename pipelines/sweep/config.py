@@ -365,14 +365,15 @@ def _check_trial(sweep: SweepConfig, bases: dict, params: dict, what: str, metas
     A value refused on the base alone may still fit beside the other axes' values (a seed on a
     base whose scales only the scales axis makes fit the data): then it is checked with the
     other axes at their first values, a trial the sweep runs, and refused only if that fails too."""
+    errors = []
     for tried in ((params, {**others, **params}) if others else (params,)):
         try:
             cfg = trial_config(sweep, bases, tried)
             check_compatible(_dataset_meta(cfg.data.path, metas), cfg.model)
             return
         except ConfigError as e:
-            error = error if tried is not params else e
-    raise ConfigError(f"{what} is refused by the training config: {error}") from None
+            errors.append(e)
+    raise ConfigError(f"{what} is refused by the training config: {errors[0]}") from None
 
 
 def _check_asha_length(sweep: SweepConfig, base_cfg: TrainJobConfig) -> None:

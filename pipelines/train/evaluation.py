@@ -42,7 +42,7 @@ from pipelines.core.images import from_uint8
 from pipelines.evaluate.inception import cache_dir
 from pipelines.evaluate.metrics import (FeatureStats, feature_subset, fid, kid,
                                         load_reference_npz, save_reference)
-from pipelines.evaluate.reference import range_call, reference_spec
+from pipelines.evaluate.reference import checked_reference_spec, range_call
 from pipelines.evaluate.shards import reference_key
 from pipelines.evaluate.worker import EvalWorker
 from pipelines.train.config import TrainJobConfig
@@ -68,9 +68,7 @@ def check_eval_inputs(job: TrainJobConfig, vae: dict) -> dict | None:
     if not tc.eval_every:
         return None
     try:
-        spec = reference_spec(tc.eval_reference, tc.eval_reference_images)
-        if spec["kind"] == "npz":
-            load_reference_npz(tc.eval_reference)
+        spec = checked_reference_spec(tc.eval_reference, tc.eval_reference_images)
     except (OSError, ValueError) as e:
         raise ValueError(f"train.eval_reference: {e}") from None
     if tc.eval_classifier and not (Path(tc.eval_classifier) / "classifier.safetensors").is_file():
