@@ -161,3 +161,58 @@ def test_unusable_evaluation_inputs_refused_before_training(inputs, tmp_path, ca
         assert main(argv) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _evaluate_in_group(rank: int, world: int, port: int, spec: dict, out: str) -> None:
+    """One rank of a gloo group that runs the in-training evaluation of fixed weights."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from flowar import FlowAR
+    from pipelines.evaluate.reference import reference_spec
+    from pipelines.train.config import load_train_config
+    from pipelines.train.evaluation import InTrainingEval
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FLOWAR_CACHE=spec["cache"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    job = load_train_config(TINY, ["data.path=unused", *spec["overrides"]])
+    torch.manual_seed(0)
+    weights = FlowAR(job.model.architecture()).state_dict()
+    evaluate = InTrainingEval(job, {"id": spec["vae"]}, reference_spec(spec["reference"]),
+                              torch.device("cpu"), rank, world)
+    metrics = evaluate(weights)
+    if rank == 0:
+        Path(out).write_text(json.dumps(metrics))
+    dist.destroy_process_group()
+
+
+def test_same_metrics_on_one_and_two_ranks(inputs, tmp_path):
+    """The same samples and reference give the same FID/KID on 1 and 2 ranks when one rank has no
+    batch at all (8 samples in one batch of 8) and computes the reference with none (two ranks
+    that each have batches are tested against `flowar evaluate` above)."""
+    batch = 8
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world in (1, 2):
+        with socket.socket() as s:  # a free port for this group's rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        spec = {"cache": str(tmp_path / f"cache-{world}"), "vae": str(inputs["root"] / "vae"),
+                "reference": str(inputs["reference"]),
+                "overrides": ["train.eval_every=1", f"train.eval_samples={N}",
+                              f"train.eval_batch_size={batch}",
+                              f"train.eval_reference={inputs['reference']}"]}
+        out = tmp_path / f"metrics-{world}.json"
+        mp.spawn(_evaluate_in_group, args=(world, port, spec, str(out)), nprocs=world, join=True)
+        results[world] = json.loads(out.read_text())
+        assert (tmp_path / f"cache-{world}" / "reference").is_dir()  # computed, then cached
+    assert results[1]["eval/fid"] == pytest.approx(results[2]["eval/fid"], rel=1e-9)
+    assert results[1]["eval/kid"] == pytest.approx(results[2]["eval/kid"], rel=1e-6, abs=1e-12)

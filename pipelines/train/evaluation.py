@@ -114,7 +114,7 @@ class InTrainingEval:
         n, b = self.tc.eval_samples, self.tc.eval_batch_size
         subset = feature_subset(n, *SUBSET) if self.tc.eval_kid else None
         stats, feats, correct, resolution = self._my_batches(worker, n, b, subset, None, 0)
-        stats, feats, correct = self._reduce(stats, feats, correct)
+        stats, feats, correct, resolution = self._reduce(stats, feats, correct, resolution)
         ref, ref_seconds = self._reference(worker, resolution)
         if self.rank != 0:
             return {}
@@ -157,9 +157,9 @@ class InTrainingEval:
         x = from_uint8(torch.from_numpy(images)).to(self.device)
         return int((self.classifier(to_grey(x)).argmax(-1) == labels).sum())
 
-    def _reduce(self, stats: FeatureStats, feats: dict, correct: int):
+    def _reduce(self, stats: FeatureStats, feats: dict, correct: int, resolution: int = 0):
         """Sum the ranks' statistics (float64 all-reduce) and gather the kept features on every
-        rank, in index order."""
+        rank, in index order, with the images' resolution (a rank with no batch has none)."""
         flat = torch.from_numpy(np.concatenate([[stats.count, correct], stats.sum, stats.outer.ravel()]))
         flat = flat.to(self.device)
         dist.all_reduce(flat)
@@ -167,10 +167,10 @@ class InTrainingEval:
         d = stats.sum.shape[0]
         total = FeatureStats(int(flat[0]), flat[2:2 + d].copy(), flat[2 + d:].reshape(d, d).copy())
         parts = [None] * self.world
-        dist.all_gather_object(parts, feats)
-        merged = {i: f for p in parts for i, f in p.items()}
+        dist.all_gather_object(parts, (feats, resolution))
+        merged = {i: f for p, _ in parts for i, f in p.items()}
         kept = np.stack([merged[i] for i in sorted(merged)]) if merged else None
-        return total, kept, int(flat[1])
+        return total, kept, int(flat[1]), max(r for _, r in parts)
 
     def _reference(self, worker: EvalWorker, resolution: int) -> tuple[dict, float]:
         """The reference's {mu, sigma, features}: a statistics .npz, rank 0's cache, or computed
@@ -191,7 +191,7 @@ class InTrainingEval:
         subset = feature_subset(count, *SUBSET) if tc.eval_kid else None
         stats, feats, _, _ = self._my_batches(worker, count, tc.eval_batch_size, subset, spec,
                                               resolution)
-        stats, kept, _ = self._reduce(stats, feats, 0)
+        stats, kept, _, _ = self._reduce(stats, feats, 0)
         if self.rank == 0:
             save_reference(path, stats, kept, {"source": tc.eval_reference, "resolution": resolution,
                                                "extractor": worker.inception.info.id})
