@@ -31,6 +31,9 @@ class FlowAR(nn.Module):
     def __init__(self, config: FlowARConfig):
         super().__init__()
         self.config = config
+        # Set by from_pretrained (flowar/hub.py ExportInfo): the export's other files, which
+        # save_pretrained and push_to_hub write back with the weights.
+        self.export_info = None
         self.ar = ScaleAR(config)
         self.flow = FlowNet(config)
         self.init_weights()
@@ -188,26 +191,54 @@ class FlowAR(nn.Module):
         start, end = pyramid.segments(mc.scales)[k]
         return self.ar(inputs, labels)[:, start:end]
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+    # ------------------------------------------------------------------ checkpoints and the Hub
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None, *,
+                        latents: dict | None = None, results: dict | None = None,
+                        details: dict | None = None) -> Path:
+        """An export folder (flowar/hub.py): config.json (the model and `extra` entries such as
+        "training"), model.safetensors, the companion files this model was loaded with,
+        latents.json from `latents` (the latent dataset's metadata), evaluation.json from
+        `results` (metric -> value; `details`: how they were measured), and README.md, the
+        model card rendered from them."""
         from safetensors.torch import save_file
+
+        from . import hub
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "model": to_dict(self.config), **(extra or {})}
+        carried = self.export_info
+        meta = {"format": FORMAT, "model": to_dict(self.config),
+                **(carried.extra if carried else {}), **(extra or {})}
         (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(d / WEIGHTS_FILE), metadata={"format": FORMAT})
+        hub.write_companions(d, carried.companions if carried else None, latents=latents,
+                             results=results, details=details)
+        hub.write_model_card(d)
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "FlowAR":
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu", *,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None, subfolder: str = "",
+                        local_files_only: bool = False, force_download: bool = False) -> "FlowAR":
+        """Load an export: a local folder, or a Hub repo id `org/name` (a string that is not an
+        existing path), fetched into the Hub cache at `revision` (a branch, tag or commit;
+        default main), read from the cache alone when HF_HUB_OFFLINE=1. `subfolder`: the export
+        inside the folder or repo. Every tensor must fit the config (load_exact). The returned
+        model's `export_info.folder` is the local folder read (latents.json and ema.safetensors,
+        when the export has them, are there)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-        d = Path(directory)
+
+        from . import hub
+        d = hub.resolve_export(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                               subfolder=subfolder, local_files_only=local_files_only,
+                               force_download=force_download)
+        name = hub.describe(name_or_path, d)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
         for p in (cfg_path, w_path):
             if not p.is_file():
-                raise FileNotFoundError(f"{d} is not a FlowAR checkpoint: {p.name} is missing")
+                raise FileNotFoundError(f"{name} is not a FlowAR checkpoint: {p.name} is missing")
         try:
             meta = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
@@ -220,7 +251,26 @@ class FlowAR(nn.Module):
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{w_path}: unreadable or truncated safetensors file ({e})") from None
         load_exact(model, state, str(w_path))
+        model.export_info = hub.read_export_info(name_or_path, d, meta)
         return model.to(device)
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                    branch: str | None = None, commit_message: str | None = None,
+                    create_pr: bool = False, results: dict | None = None,
+                    details: dict | None = None) -> str:
+        """Publish this model as the Hub model repo `repo_id` (org/name, created if missing):
+        save_pretrained into a temporary folder (with the files it was loaded with: the training
+        link, latents.json, results), then that whole folder in one commit. Returns the commit
+        URL. To publish an export folder exactly as it is on disk (ema.safetensors included),
+        use flowar.hub.push_export(folder, repo_id)."""
+        import tempfile
+
+        from . import hub
+        hub.check_repo_id(repo_id)  # before writing the weights out
+        with tempfile.TemporaryDirectory(prefix="flowar-push-") as tmp:
+            self.save_pretrained(tmp, results=results, details=details)
+            return hub.push_export(tmp, repo_id, token=token, private=private, branch=branch,
+                                   commit_message=commit_message, create_pr=create_pr)
 
 
 def load_exact(model: nn.Module, state: dict, source: str) -> None:

@@ -122,13 +122,15 @@ def full_ema_state(ema) -> dict[str, torch.Tensor]:
 def export_ema(model_config: FlowARConfig, ema_full: dict[str, torch.Tensor], out_dir: str | Path,
                meta: dict, extra_state: dict[str, torch.Tensor] | None = None,
                info: dict | None = None) -> FlowAR:
-    """Write the EMA weights as a `FlowAR.from_pretrained` directory plus latents.json.
+    """Write the EMA weights as a `FlowAR.from_pretrained` directory plus latents.json and the
+    model card README.md (flowar/hub.py), ready for `flowar.hub.push_export`.
 
     latents.json is a copy of the dataset metadata, so later stages (sampling, evaluation) know
     which VAE and normalisation decode this model's latents. `extra_state`: the trained model's
     buffers (everything in its state dict that is not an EMA'd parameter); `info` goes into
-    config.json under "training". A training job's model section is exported as its
-    architecture alone: how it was trained (model.grad_checkpointing) is not the model's config."""
+    config.json under "training" (the card lists it: MLflow run id, step, dataset). A training
+    job's model section is exported as its architecture alone: how it was trained
+    (model.grad_checkpointing) is not the model's config."""
     if isinstance(model_config, TrainModelConfig):
         model_config = model_config.architecture()
     model = FlowAR(model_config)
@@ -139,9 +141,7 @@ def export_ema(model_config: FlowARConfig, ema_full: dict[str, torch.Tensor], ou
         raise KeyError(f"EMA holds parameters the model does not have: {missing[:5]}")
     state.update(ema_full)
     model.load_state_dict(state)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, extra={"training": info or {}})
-    (out_dir / "latents.json").write_text(json.dumps(meta, indent=1, default=str))
+    model.save_pretrained(Path(out_dir), extra={"training": info or {}}, latents=meta)
     return model
 
 
