@@ -4,7 +4,7 @@
                                                     [--repeats 2] [--out benchmarks/.bench_train_eval]
 
 Runs `flowar train configs/quickstart.yaml data.path=LATENTS` as a user types it (800 steps, 2 CPU
-workers), with the evaluation the file configures (200 samples at steps 400 and 800: FID, KID)
+workers), with the evaluation the file configures (100 samples at steps 400 and 800: FID, KID)
 and with train.eval_every=0, alternating the two (the machine's load drifts), each in a fresh
 process under its own run name. Before the first run the reference statistics are computed once
 (a 1-step run that evaluates), as they are once per dataset and reference source: the one-time
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--latents", default=str(ROOT / "flowar-runs" / "latents-fashion-mnist"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(HERE / ".bench_train_eval"))
+    p.add_argument("--eval-samples", type=int, default=0, help="override train.eval_samples (0: the file's)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,8 @@ def main() -> None:
     for rep in range(args.repeats):
         modes = ("off", "on") if rep % 2 == 0 else ("on", "off")
         for mode in modes:
-            extra = ["train.eval_every=0"] if mode == "off" else []
+            extra = (["train.eval_every=0"] if mode == "off" else
+                     [f"train.eval_samples={args.eval_samples}"] if args.eval_samples else [])
             rows[mode, rep] = measured(out, f"{mode}-{rep}", lambda: train(
                 out, args.latents, f"bench-{mode}-{rep}", extra))
     print(f"reference statistics, once per dataset and source: {warm['reference_seconds']:.0f} s "
