@@ -83,11 +83,16 @@ def read_training_link(ckpt) -> dict:
 
 
 def checkpoint_identity(ckpt) -> dict:
-    """What makes two checkpoints the same for resumption: file names, sizes and mtimes."""
+    """What makes two checkpoints the same for resumption: file names, sizes and mtimes, of the
+    files that are the model (not those that describe it: the model card, evaluation.json and
+    a sampler grid's sampler.json, flowar.hub.DESCRIPTIVE_FILES, written beside it later)."""
     import pyarrow.fs as pafs
 
+    from flowar.hub import DESCRIPTIVE_FILES
+
     fs, root = storage.resolve(ckpt)
-    files = sorted((i for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File),
+    files = sorted((i for i in fs.get_file_info(pafs.FileSelector(root))
+                    if i.type == pafs.FileType.File and i.base_name not in DESCRIPTIVE_FILES),
                    key=lambda i: i.base_name)
     return {i.base_name: [i.size, int(i.mtime.timestamp()) if i.mtime else 0] for i in files}
 

@@ -209,9 +209,7 @@ def evaluation_settings(cfg: EvalConfig, ckpt: str, generator: dict, extractor: 
     folder (its hash) and guards a resumed one: shards of other settings are never mixed in."""
     g, m = cfg.generation, cfg.metrics
     keep_features = m.kid or m.prc
-    # sampler.json is written beside the model by a sampler grid: it is not the model
-    files = {k: v for k, v in checkpoint_identity(ckpt).items() if k != search.SAMPLER_FILE}
-    return {"checkpoint": ckpt, "checkpoint_files": files,
+    return {"checkpoint": ckpt, "checkpoint_files": checkpoint_identity(ckpt),
             "weights": "ema" if generator["ema_file"] else "model", "vae": generator["vae"],
             "sampler": to_dict(cfg.sampler), "seed": g.seed, "num_samples": g.num_samples,
             "samples_per_class": g.samples_per_class, "batch_size": g.batch_size,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowar.config import ConfigError, SamplerConfig, from_dict, to_dict
+from flowar.hub import SAMPLER_FILE  # <checkpoint>/sampler.json: the best setting of a sampler grid
 from pipelines.core import storage
 from pipelines.core.config import (absolute_path, apply_overrides, flowar_home, load_config,
                                    parse_overrides, read_yaml_mapping)
@@ -36,7 +37,6 @@ from pipelines.evaluate.export import check_sampler_for_export, read_text
 __all__ = ["SAMPLER_FILE", "EvalPlan", "load_plan", "run_plan", "read_sampler_file",
            "sampler_base", "markdown_table"]
 
-SAMPLER_FILE = "sampler.json"  # <checkpoint>/sampler.json: the best setting of a sampler grid
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,9 +127,6 @@ def load_plan(path: str | None, overrides: list[str]) -> EvalPlan:
         for cfg, combo in zip(evaluations, combos):
             cfg.output_dir = storage.join(out, folder_name(combo)) if out else ""
     return EvalPlan(evaluations, typed, combos, out, note)
-
-
-
 
 
 def _refuse_other_lists(cls, data: dict, prefix: str = "") -> None:

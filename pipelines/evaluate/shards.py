@@ -190,6 +190,19 @@ def reference_key(spec: dict, resolution: int, extractor_digest: str, subset: li
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
+def reference_cache_file(spec: dict, resolution: int, extractor_digest: str, subset: list | None) -> Path:
+    """<flowar cache>/reference/<reference_key>.npz: where flowar evaluate and the in-training
+    evaluation (pipelines/train/evaluation.py) keep a reference's statistics."""
+    return cache_dir() / "reference" / f"{reference_key(spec, resolution, extractor_digest, subset)}.npz"
+
+
+def load_cached_reference(path: Path) -> dict:
+    """{mu, sigma, count, features (None when not kept)} of a cached reference file."""
+    with np.load(path) as z:
+        return {"mu": np.array(z["mu"]), "sigma": np.array(z["sigma"]), "count": int(z["count"]),
+                "features": np.array(z["features"]) if "features" in z else None}
+
+
 def compute_reference(cfg, workers, extractor: dict, resolution: int, need_features: bool,
                       spec: dict) -> dict:
     """mu, sigma (+ the feature subset) of the reference: an ADM .npz, or an image source
@@ -202,12 +215,10 @@ def compute_reference(cfg, workers, extractor: dict, resolution: int, need_featu
                 "cached": True, "note": "statistics file: its Inception extractor is assumed to match"}
     count = spec["count"]
     sub = [m.feature_subset_size, m.feature_subset_seed] if need_features else None
-    cache = cache_dir() / "reference" / f"{reference_key(spec, resolution, extractor['digest'], sub)}.npz"
+    cache = reference_cache_file(spec, resolution, extractor["digest"], sub)
     if cache.is_file():
-        with np.load(cache) as z:
-            feats = np.array(z["features"]) if "features" in z else None
-            return {"mu": z["mu"], "sigma": z["sigma"], "count": int(z["count"]), "features": feats,
-                    "source": r.source, "cached": True, "cache_file": str(cache)}
+        return {**load_cached_reference(cache), "source": r.source, "cached": True,
+                "cache_file": str(cache)}
     subset = feature_subset(count, *sub) if need_features else None
     parts = Folder(str(cache.with_suffix(".parts")))
     shards = index_shards(count, r.shard_size)

@@ -119,6 +119,12 @@ def full_ema_state(ema) -> dict[str, torch.Tensor]:
     return out
 
 
+def model_buffers(model, ema_full: dict) -> dict[str, torch.Tensor]:
+    """Everything in the model's state dict that the EMA does not hold (its buffers), on the
+    CPU: with the EMA weights, a complete state dict of the averaged model."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in ema_full}
+
+
 def export_ema(model_config: FlowARConfig, ema_full: dict[str, torch.Tensor], out_dir: str | Path,
                meta: dict, extra_state: dict[str, torch.Tensor] | None = None,
                info: dict | None = None) -> FlowAR:

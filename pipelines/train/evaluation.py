@@ -39,11 +39,10 @@ import torch.distributed as dist
 from flowar import FlowAR
 from flowar.config import to_dict
 from pipelines.core.images import from_uint8
-from pipelines.evaluate.inception import cache_dir
 from pipelines.evaluate.metrics import (FeatureStats, feature_subset, fid, kid,
                                         load_reference_npz, save_reference)
 from pipelines.evaluate.reference import checked_reference_spec, range_call
-from pipelines.evaluate.shards import reference_key
+from pipelines.evaluate.shards import load_cached_reference, reference_cache_file
 from pipelines.evaluate.worker import EvalWorker
 from pipelines.train.config import TrainJobConfig
 
@@ -180,12 +179,11 @@ class InTrainingEval:
             mu, sigma = load_reference_npz(tc.eval_reference) if self.rank == 0 else (None, None)
             return {"mu": mu, "sigma": sigma, "features": None}, 0.0
         sub = list(SUBSET) if tc.eval_kid else None
-        key = reference_key(spec, resolution, worker.inception.info.digest, sub)
-        path = cache_dir() / "reference" / f"{key}.npz"
+        path = reference_cache_file(spec, resolution, worker.inception.info.digest, sub)
         cached = [path.is_file()] if self.rank == 0 else [None]
         dist.broadcast_object_list(cached, src=0)
         if cached[0]:
-            return (_load_cached(path) if self.rank == 0 else {}), 0.0
+            return (load_cached_reference(path) if self.rank == 0 else {}), 0.0
         t0 = time.perf_counter()
         count = spec["count"]
         subset = feature_subset(count, *SUBSET) if tc.eval_kid else None
@@ -199,8 +197,3 @@ class InTrainingEval:
             return {"mu": mu, "sigma": sigma, "features": kept}, time.perf_counter() - t0
         return {}, 0.0
 
-
-def _load_cached(path: Path) -> dict:
-    with np.load(path) as z:
-        return {"mu": np.array(z["mu"]), "sigma": np.array(z["sigma"]),
-                "features": np.array(z["features"]) if "features" in z else None}

@@ -34,7 +34,7 @@ from flowar import FlowAR
 from flowar.optim import EMA, clip_grad_norm, lr_at, scaled_lr
 from pipelines.core import tracking
 from pipelines.train.checkpointing import (copy_dir, export_ema, full_ema_state, load_checkpoint,
-                                           read_state, save_checkpoint)
+                                           model_buffers, read_state, save_checkpoint)
 from pipelines.train.config import TrainConfig, TrainJobConfig, WorkerPayload
 from pipelines.train.data import BatchSource, latent_columns, open_reader, seed_of
 from pipelines.train.evaluation import InTrainingEval
@@ -338,8 +338,7 @@ def evaluate(w: Worker, step: int) -> dict:
     calls it (gathering the EMA and the statistics are collective); rank 0 logs the metrics to
     MLflow at `step` and returns them, the other ranks return {}."""
     full = full_ema_state(w.ema)
-    buffers = {k: v.detach().cpu() for k, v in w.model.state_dict().items() if k not in full}
-    metrics = w.evaluator({**full, **buffers})
+    metrics = w.evaluator({**full, **model_buffers(w.model, full)})
     if w.mlflow is not None:
         tracking.log_metrics(w.mlflow, w.payload.run_id, metrics, step=step)
         print(f"flowar train: step {step}: " + ", ".join(
@@ -379,7 +378,7 @@ def export(w: Worker, out_dir: str, step: int, artifact_path: str = "") -> None:
     full = full_ema_state(w.ema)
     if w.rank != 0:
         return
-    buffers = {k: v.detach().cpu() for k, v in w.model.state_dict().items() if k not in full}
+    buffers = model_buffers(w.model, full)
     info = {"run_dir": w.payload.run_dir, "mlflow_run_id": w.payload.run_id, "step": step,
             "ema_decay": w.train.ema_decay, "dataset": w.job.data.path}
     with tempfile.TemporaryDirectory() as tmp:
