@@ -40,3 +40,46 @@ def ray_local(tmp_path_factory):
 def mlflow_uri(tmp_path):
     """A real MLflow tracking store: SQLite with an absolute path (4 slashes)."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def start_mlflow_server(root: Path):
+    """`mlflow server` on loopback (a free port), its store a SQLite file under `root` and its
+    artefacts served by the server itself (mlflow-artifacts:/, as a team's server would).
+    Returns (uri, process); ready when /health answers."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    while True:  # until the server answers or its process has died
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri, proc
+        except OSError:
+            try:  # poll again in 0.5 s, or stop at once when the server process exits
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback, one per test module; its URI (http://127.0.0.1:PORT)."""
+    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
