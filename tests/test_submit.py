@@ -239,9 +239,34 @@ def test_defaulted_outputs_need_the_clusters_settings():
 
 # ---------------------------------------------------------------------------- a real local cluster
 
+def _wait_for_mlflow_server(uri: str, temp: Path) -> None:
+    """Until the recipe's `mlflow server` answers /health; fails at once if its process ended."""
+    import urllib.request
+
+    import ray  # noqa: F401  (puts the psutil that Ray bundles on sys.path)
+    import psutil
+
+    server = psutil.Process(int((temp / "mlflow.pid").read_text()))
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if not server.is_running() or server.status() == psutil.STATUS_ZOMBIE:
+            raise RuntimeError(f"mlflow server exited: {(temp / 'mlflow.log').read_text()[-2000:]}")
+        try:  # poll again in 0.5 s, or stop at once when the server process ends
+            server.wait(timeout=0.5)
+        except psutil.TimeoutExpired:
+            pass
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """clusters/local/cluster.sh start 1 on free loopback ports, with its own token."""
+    """clusters/local/cluster.sh start 1 on free loopback ports, with its own token and the
+    recipe's `mlflow server` (loopback, SQLite store under FLOWAR_HOME, served artefacts) as
+    every node's MLFLOW_TRACKING_URI: jobs log through the REST API, as against a team's server."""
     temp = Path(tempfile.mkdtemp(prefix="fs", dir="/tmp"))  # short: socket paths <= 107 chars
     token = temp / "token"
     token.write_text(secrets.token_hex(32))
@@ -249,7 +274,8 @@ def cluster():
     env = {**os.environ, "FLOWAR_RAY_PORT": str(_free_port()), "FLOWAR_DASHBOARD_PORT": str(dash),
            "FLOWAR_CLIENT_PORT": str(_free_port()), "FLOWAR_RAY_TEMP": str(temp),
            "FLOWAR_HOME": str(temp / "home"), "FLOWAR_WORKER_CPUS": "4", "FLOWAR_PYTHON": sys.executable,
-           "RAY_AUTH_TOKEN_PATH": str(token), "HF_HUB_OFFLINE": "1"}
+           "FLOWAR_MLFLOW_PORT": str(_free_port()), "RAY_AUTH_TOKEN_PATH": str(token),
+           "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(["bash", str(SCRIPT), "start", "1"], env=env, cwd=ROOT,
@@ -258,6 +284,8 @@ def cluster():
         assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
         # what the recipe put in every node's environment (FLOWAR_HOME, MLFLOW_TRACKING_URI)
         settings = dict(line.split("=", 1) for line in (temp / "cluster.env").read_text().split())
+        assert settings["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{env['FLOWAR_MLFLOW_PORT']}"
+        _wait_for_mlflow_server(settings["MLFLOW_TRACKING_URI"], temp)
         with pytest.MonkeyPatch.context() as mp:  # the in-process client finds the same token
             mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
             mp.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -307,11 +335,18 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
     from the uploaded working dir (configs/... is read there) and succeed. Afterwards this
     process finds the latent dataset, and where the cluster's FLOWAR_HOME and
     MLFLOW_TRACKING_URI say, the finished MLflow run, the checkpoints and the EMA export;
-    nothing went into the job's working dir (Ray's temp copy) or the shell's own FLOWAR_HOME."""
+    nothing went into the job's working dir (Ray's temp copy) or the shell's own FLOWAR_HOME.
+    The upload has no .git, yet the run's source tags on the MLflow server and the dataset's
+    code_version name the commit of the uploaded checkout (issue 18)."""
+    import getpass
+
     from mlflow.tracking import MlflowClient
 
     from pipelines.data.latents import LatentDataset
 
+    # read before submitting: the commit the upload is of (`flowar submit` reads it the same way)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
     shell, laptop_home, latents = tmp_path / "elsewhere", tmp_path / "laptop-home", tmp_path / "latents"
     shell.mkdir()
     env = {**cluster["env"], "FLOWAR_HOME": str(laptop_home),
@@ -328,6 +363,8 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
     assert f"job {encode_id} succeeded (exit status 0)" in stderr
     meta = LatentDataset(str(latents)).meta
     assert (meta.count, meta.latent_size, meta.latent_channels) == (48, 4, 4)
+    dirty = f"uploading uncommitted changes of {head}" in stderr  # said when the tree is dirty
+    assert meta.code_version.endswith(f"+g{head[:7]}" + ("-dirty" if dirty else "")), meta.code_version
 
     # 2. train with no tracking URI, storage path or export dir given.
     code, stdout, stderr = _flowar(
@@ -346,6 +383,11 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
     assert [r.info.run_name for r in runs] == ["e2e-tiny"] and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics, "the run logged no metrics"
+    tags = runs[0].data.tags
+    assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.source.name"].startswith("flowar train configs/train-tiny.yaml data.path=")
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags["flowar.git_dirty"] == ("true" if f"uncommitted changes of {head}" in stderr else "false")
     assert not laptop_home.exists()
     assert not list(cluster["temp"].rglob("_ray_pkg_*/flowar-runs"))
 

@@ -8,8 +8,6 @@ simply keeps logging to the same run.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pipelines.core.config import dump_yaml, flatten
 
 __all__ = ["check_reachable", "start_or_resume_run", "start_or_resume_child_run", "log_config",
            "log_new_params", "log_metrics", "log_image", "log_artifacts", "end_run",
-           "fail_run_if_running", "git_commit", "client", "PARENT_TAG"]
+           "fail_run_if_running", "client", "PARENT_TAG"]
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
 
@@ -171,13 +169,3 @@ def fail_run_if_running(c, run_id: str) -> bool:
     c.set_terminated(run_id, status="FAILED")
     return True
 
-
-def git_commit() -> str:
-    """The commit of the code being run (unknown outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]  # the repository
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -26,14 +26,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-import subprocess
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from types import SimpleNamespace
 
 from flowar.config import ConfigError
 from pipelines.core import storage
+from pipelines.core.source import source_info
 
 FORMAT_VERSION = 1
 META_KEY = b"flowar.latents"  # key of the JSON record in each Parquet file's schema metadata
@@ -92,7 +92,9 @@ def image_columns(image_sides, flip: bool) -> list[str]:
 
 
 def code_version() -> str:
-    """`flowar <version>+g<commit>` when run from a git checkout, so a dataset names its maker."""
+    """`flowar <version>+g<commit>` (`-dirty` after it when tracked files had uncommitted
+    changes), so a dataset names its maker: the commit of this checkout, or for a job sent with
+    `flowar submit` the laptop's (pipelines/core/source.py); no `+g...` when neither is known."""
     # here, not at the top: 0.03 s that `flowar --help` (which imports this module) need not pay
     from importlib.metadata import PackageNotFoundError, version
 
@@ -100,13 +102,9 @@ def code_version() -> str:
         text = f"flowar {version('flowar')}"
     except PackageNotFoundError:
         text = "flowar (not installed)"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
-        if commit:
-            text += f"+g{commit}"
-    except (OSError, subprocess.SubprocessError):
-        pass
+    source = source_info()
+    if source.commit:
+        text += f"+g{source.commit[:7]}" + ("-dirty" if source.dirty else "")
     return text
 
 

@@ -31,6 +31,7 @@ from flowar.hub import SAMPLER_FILE  # <checkpoint>/sampler.json: the best setti
 from pipelines.core import storage
 from pipelines.core.config import (absolute_path, apply_overrides, flowar_home, load_config,
                                    parse_overrides, read_yaml_mapping)
+from pipelines.core.source import source_info
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.export import check_sampler_for_export, read_text
 
@@ -304,9 +305,8 @@ def plot_fid(rows: list[dict], varying: dict, best: int | None, path: Path) -> N
 def write_sampler_file(plan: EvalPlan, reports: list[dict], best: int, parent: str) -> str:
     """<checkpoint>/sampler.json (a path or URI): the best combination's full sampler setting,
     its FID, every evaluation of the grid, and what wrote it."""
-    from pipelines.core.tracking import git_commit
-
     cfg = plan.evaluations[best]
+    source = source_info()
     evaluations = [{"sampler": to_dict(c.sampler), "fid": r["results"].get("fid"),
                     "results": r["results"], "mlflow_run_id": r["mlflow_run_id"],
                     "output_dir": r["output_dir"]} for c, r in zip(plan.evaluations, reports)]
@@ -314,7 +314,8 @@ def write_sampler_file(plan: EvalPlan, reports: list[dict], best: int, parent: s
     data = {"sampler": to_dict(cfg.sampler), "fid": reports[best]["results"]["fid"], "metric": "fid",
             "mlflow_run_id": reports[best]["mlflow_run_id"], "evaluations": evaluations,
             "written_by": {"command": "flowar evaluate (sampler grid, pipelines/evaluate/search.py)",
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "git_commit": source.commit, "git_dirty": source.dirty,
                            "parent_run_id": parent, "grid": plan.varying,
                            "num_samples": g.num_samples, "seed": g.seed,
                            "reference": cfg.reference.source}}

@@ -4,7 +4,9 @@ A submitted job is the same command as a local run: the entrypoint is
 `python -m pipelines.cli JOB args...`, run on the cluster from a copy of this working directory
 (uploaded through Ray's `working_dir` runtime env, minus .git, data, checkpoints, MLflow stores and
 virtual environments). So `flowar submit train configs/x.yaml train.max_steps=500` runs exactly
-what `flowar train configs/x.yaml train.max_steps=500` runs here.
+what `flowar train configs/x.yaml train.max_steps=500` runs here. As the upload has no .git, the
+commit (and whether the tree had uncommitted changes) and the user are read here and passed as
+FLOWAR_SOURCE_* variables, which the job's MLflow source tags name (pipelines/core/source.py).
 
 Paths: a relative path means the uploaded working directory; outputs must outlive the job,
 so they are checked before the upload (pipelines/submit/outputs.py), as is the upload's size
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.core.source import ENV_COMMIT, ENV_DIRTY, source_env
 from pipelines.registry import job_parser, subcommands
 from pipelines.submit.outputs import (Output, SubmitError, ask_cluster_settings, cluster_settings_for,
                                       job_outputs, refuse_relative_outputs)
@@ -116,6 +119,9 @@ def build_runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str
     # a submitted job Ray refuses any overlap with the job's runtime env unless told to merge
     # (the driver's values win per key, the job's working_dir stays).
     env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    # The upload leaves out .git: the commit, dirtiness and user are read here, in the
+    # directory being uploaded, and the job's MLflow source tags come from them.
+    env_vars.update(source_env(working_dir))
     env_vars.update(env)
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(excludes),
                          "env_vars": env_vars}
@@ -206,6 +212,9 @@ def run_submit(job: str, job_args: list[str], *, address: str | None = None,
     env.update(_pinned_settings(client, job, outputs, env))
     runtime_env = build_runtime_env(wd, all_excludes, env, pip, py_modules)
     print(f"[flowar] cluster {resolve_address(address)}; uploading {plan.summary()}", file=sys.stderr)
+    if runtime_env["env_vars"].get(ENV_DIRTY) == "true":  # the runs will name a commit it is not
+        print(f"[flowar] uploading uncommitted changes of {runtime_env['env_vars'][ENV_COMMIT]}",
+              file=sys.stderr)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                submission_id=submission_id, entrypoint_num_cpus=num_cpus,
                                entrypoint_num_gpus=num_gpus,

@@ -25,6 +25,7 @@ from flowar.config import ConfigError
 from pipelines.core import tracking
 from pipelines.core.config import add_job_parser
 from pipelines.core.ray_runtime import init_ray
+from pipelines.core.source import flowar_command, source_tags
 from pipelines.core.storage import is_uri
 from pipelines.sweep.config import SweepJob, load_sweep
 
@@ -87,7 +88,7 @@ def _start_parent_run(job: SweepJob, exp_dir: str) -> tuple[str, str]:
     tracking.log_config(uri, parent_id, job.sweep, job.path, tags={
         "sweep": job.sweep.name, "sweep.role": "parent",
         "sweep.axes": ", ".join(a.key for a in job.axes), "sweep.dir": exp_dir,
-        "git_commit": tracking.git_commit()})
+        **source_tags(flowar_command("sweep", job.path))})
     return uri, parent_id
 
 

@@ -89,7 +89,7 @@ def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDataset
     tracking.check_reachable(uri)  # fail now, not after hours
     run_id, resumed = tracking.start_or_resume_run(
         uri, cfg.mlflow.experiment, name, artifact_location=cfg.mlflow.artifact_location)
-    tracking.log_config(uri, run_id, cfg, config_path, tags=_tags(cfg, meta))
+    tracking.log_config(uri, run_id, cfg, config_path, tags=_tags(cfg, meta, config_path))
     if resumed and "stopped" in tracking.client(uri).get_run(run_id).data.tags:
         tracking.client(uri).delete_tag(run_id, "stopped")  # a new attempt after a divergence
     print(f"flowar train: {'resuming' if resumed else 'starting'} run {name!r} "
@@ -99,13 +99,15 @@ def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDataset
                          units=units, fault=fault)
 
 
-def _tags(cfg: TrainJobConfig, meta: LatentDatasetMeta) -> dict[str, str]:
+def _tags(cfg: TrainJobConfig, meta: LatentDatasetMeta, config_path: str | None) -> dict[str, str]:
+    from pipelines.core.source import flowar_command, source_tags
+
     vae = meta.vae or {}
     return {"dataset": f"{cfg.data.path} ({meta.count} latents, {meta.created or 'undated'})",
             "dataset_path": cfg.data.path,
             "vae": str(vae.get("id", "unknown")), "vae_sha256": str(vae.get("sha256", "unknown")),
             "preset": cfg.preset or "custom", "strategy": cfg.train.strategy,
-            "git_commit": tracking.git_commit()}
+            **source_tags(flowar_command("train", config_path))}
 
 
 def _trainer(payload: WorkerPayload, callbacks, resources_per_worker):
