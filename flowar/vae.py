@@ -252,6 +252,22 @@ def load_vae(spec: str, device="cpu", ldm_config: dict | None = None):
     return vae.to(device).eval(), info
 
 
+def load_for_latents(spec: dict, device="cpu"):
+    """(vae, info) for the VAE a latent dataset names (its metadata's `vae`: id, sha256 and the
+    normalisation): the weights are checked against the recorded hash, and `info` carries the
+    dataset's own normalisation, which may differ from the VAE's config (encode can fit it)."""
+    if not spec.get("id"):
+        raise ValueError(f"VAE spec {spec!r} names no VAE ('id')")
+    vae, info = load_vae(spec["id"], device)
+    if spec.get("sha256") and spec["sha256"] != info.sha256:
+        raise ValueError(f"VAE {spec['id']!r} has weights {info.sha256[:12]}, but the model was trained "
+                         f"on latents of {spec['sha256'][:12]}: decoding would give wrong images")
+    info = VAEInfo(**{**info.to_dict(),
+                      "scaling_factor": float(spec.get("scaling_factor", info.scaling_factor)),
+                      "shift_factor": float(spec.get("shift_factor") or 0.0)})
+    return vae, info
+
+
 # ------------------------------------------------------------------------------------------------
 # Encoding, normalisation, decoding
 # ------------------------------------------------------------------------------------------------
@@ -288,3 +304,8 @@ def decode(vae, z_normalised: torch.Tensor, info: VAEInfo) -> torch.Tensor:
     param = next(vae.parameters())
     z = denormalise(z_normalised, info).to(device=param.device, dtype=param.dtype)
     return vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (any shape) -> uint8 in [0, 255], rounded; outside values clamp."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -162,8 +162,11 @@ def _start_run(cfg: VAETrainConfig, uri: str, config_path: str | None) -> str:
     run_name = cfg.mlflow.run_name or f"vae-{uuid.uuid4().hex[:6]}"
     run_id, _ = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name,
                                              cfg.mlflow.artifact_location)
-    tracking.log_config(uri, run_id, cfg, config_path, {"job": "vae-train",
-                                                        "output": storage.display(cfg.output)})
+    from pipelines.core.source import flowar_command, source_tags
+
+    tracking.log_config(uri, run_id, cfg, config_path, {
+        "job": "vae-train", "output": storage.display(cfg.output),
+        **source_tags(flowar_command("vae", "train", config_path))})
     return run_id
 
 

@@ -240,7 +240,7 @@ class _Log:
             recon = vae.decode(vae.encode(held).latent_dist.mean).sample
         model.train()
         grid = image_grid(torch.cat([held.cpu(), recon.cpu()]), per_row=len(held))
-        tracking.log_image(self.client, self.run_id, grid, f"reconstructions/step_{step:06d}.png")
+        tracking.log_image(self.client, self.run_id, grid, "reconstructions", step)
 
     def final(self, metrics: dict, step: int) -> None:
         if self.client is not None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from flowar.config import ConfigError
+from pipelines.core import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train-tiny.yaml"
@@ -293,9 +294,9 @@ def test_ddp_trains_and_logs_params_metrics_samples_and_model(reference):
     assert np.mean(curve[-2:]) < 0.7 * np.mean(curve[:2]), curve
     for key in ("lr", "grad_norm", "images_per_s", "tokens_per_s", "loss_scale1", "loss_scale4"):
         assert c.get_metric_history(run.info.run_id, key), key
-    artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/step_0000020.png", "samples/step_0000040.png"} <= artifacts
-    assert "model/latents.json" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+    assert tracking.image_steps(c, run.info.run_id, "samples") == [20, 40]
+    [model] = c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert "artifacts/export/latents.json" in {a.path for a in c.list_logged_model_artifacts(model.model_id, "artifacts/export")}
     assert "config/resolved_config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id, "config")}
     export = Path(reference["result"].metrics["export_dir"])
     model = FlowAR.from_pretrained(export)

@@ -112,6 +112,20 @@ def test_last_evaluation_equals_flowar_evaluate_of_the_export(trained, inputs, t
     assert report["results"]["fid"] == pytest.approx(history(trained, "eval/fid")[4], rel=1e-6)
     assert report["results"]["kid"] == pytest.approx(history(trained, "eval/kid")[4], rel=1e-4, abs=1e-9)
 
+    # Lineage: the evaluation's metrics are logged against the export's MLflow model, which is
+    # the evaluation run's input beside the reference; the training run lists its reference too.
+    c = trained["client"]
+    model_id = json.loads((trained["export"] / "config.json").read_text())["training"]["mlflow_model_id"]
+    model_metrics = {(m.key, m.run_id) for m in c.get_logged_model(model_id).metrics}
+    assert ("eval/fid", report["mlflow_run_id"]) in model_metrics  # flowar evaluate's child run
+    assert ("eval/fid", trained["run"].info.run_id) in model_metrics  # the last in-training one
+    child = c.get_run(report["mlflow_run_id"])
+    assert [m.model_id for m in child.inputs.model_inputs] == [model_id]
+    contexts = {d.dataset.name: {t.value for t in d.tags} for d in child.inputs.dataset_inputs}
+    assert contexts == {"reference:reference": {"evaluation"}}
+    training = {d.dataset.name: {t.value for t in d.tags} for d in trained["run"].inputs.dataset_inputs}
+    assert training == {"latents": {"training"}, "reference:reference": {"evaluation"}}
+
 
 def test_class_accuracy_is_the_classifiers_verdict_on_the_samples(trained, inputs):
     import torch

@@ -90,6 +90,15 @@ class MLflowConfig:
     experiment: str = "flowar"
     run_name: str = ""
     artifact_location: str = path_field("output")  # e.g. s3://bucket/mlflow; empty: beside the store
+    # flowar train: also register the logged model under this name (a new version); empty: not
+    register_model: str = ""
+    # seconds between samples of MLflow's system metrics (CPU, memory, GPU) per node; 0: none
+    system_metrics_every: float = 10.0
+
+    def __post_init__(self):
+        if self.system_metrics_every < 0:
+            raise ConfigError(f"mlflow.system_metrics_every={self.system_metrics_every}: seconds "
+                              "between samples, >= 0 (0 turns system metrics off)")
 
     def resolved_uri(self) -> str:
         return self.tracking_uri or default_tracking_uri()

@@ -15,14 +15,11 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from flowar.vae import to_uint8  # its home: beside decode, for the MLflow model's use too
+
 __all__ = ["to_uint8", "from_uint8", "image_grid", "save_png"]
 
 GAP = 2  # white pixels between (and around) the images of a grid
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] (any shape) -> uint8 in [0, 255], rounded; outside values clamp."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def from_uint8(pixels) -> torch.Tensor:

@@ -8,6 +8,7 @@ simply keeps logging to the same run.
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 import time
 from pathlib import Path
@@ -17,10 +18,14 @@ from flowar.config import ConfigError
 from pipelines.core.config import dump_yaml, flatten
 
 __all__ = ["check_reachable", "start_or_resume_run", "start_or_resume_child_run", "log_config",
-           "log_new_params", "log_metrics", "log_image", "log_artifacts", "end_run",
+           "log_new_params", "log_metrics", "log_image", "image_steps", "log_artifacts", "end_run",
            "fail_run_if_running", "client", "PARENT_TAG"]
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's UI nests a run under the run this tag names
+# The UI opens an experiment in the layout its kind names; untagged, MLflow 3's UI may infer its
+# GenAI layout (traces, judges). flowar's experiments are model training: runs table, charts,
+# compare view.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def client(uri: str):
@@ -62,12 +67,15 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def _experiment_id(c, uri: str, name: str, artifact_location: str = "") -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older flowar, or by hand
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
     if not artifact_location and uri.startswith("sqlite:///"):
         # MLflow's default artefact root is relative to the current directory, which differs
         # between the driver and Ray workers; keep artefacts beside the database instead.
         artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
-    return c.create_experiment(name, artifact_location=artifact_location or None)
+    return c.create_experiment(name, artifact_location=artifact_location or None,
+                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str,
@@ -141,16 +149,27 @@ def log_config(uri: str, run_id: str, cfg, config_path: str | None, tags: dict[s
         c.log_artifact(run_id, str(config_path), artifact_path="config")
 
 
-def log_metrics(c, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int, model_id: str = "") -> None:
+    """`model_id`: the MLflow logged model these metrics measure (its page lists them)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id or None)
+                                 for k, v in metrics.items()])
 
 
-def log_image(c, run_id: str, image, artifact_file: str) -> None:
-    """`image`: HxWx3 uint8 numpy array."""
-    c.log_image(run_id, image, artifact_file=artifact_file)
+def log_image(c, run_id: str, image, key: str, step: int) -> None:
+    """`image`: HxWx3 uint8 numpy array, logged as image `key` at `step`: the run's Images
+    panel shows one per step with a slider, and the compare view puts runs side by side."""
+    c.log_image(run_id, image, key=key, step=step, synchronous=True)
+
+
+def image_steps(c, run_id: str, key: str) -> list[int]:
+    """The steps at which image `key` was logged (log_image's files: images/<key>+step+<N>+...)."""
+    prefix = key.replace("/", "~") + "+step+"
+    names = (posixpath.basename(a.path) for a in c.list_artifacts(run_id, "images"))
+    return sorted(int(n[len(prefix):].split("+")[0]) for n in names
+                  if n.startswith(prefix) and n.endswith(".png") and "+compressed" not in n)
 
 
 def log_artifacts(c, run_id: str, local_dir: str, artifact_path: str) -> None:

@@ -24,6 +24,7 @@ makes a killed `flowar encode` resumable without duplicates or gaps.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import re
 import uuid
@@ -268,6 +269,19 @@ class LatentDataset:
             with self.fs.open_input_stream(path) as f:
                 self._meta = LatentDatasetMeta.from_json(f.read(), f"latent dataset {self}")
         return self._meta
+
+    def digest(self) -> str:
+        """What identifies this dataset's content, without reading it: the hash of encode's job
+        record (_job.json: the hash of the source's item keys, the VAE's weights hash and every
+        setting that shaped the latents), or of metadata.json for a dataset made otherwise."""
+        for name in ("_job.json", "metadata.json"):
+            path = f"{self.root}/{name}"
+            if self.fs.get_file_info(path).is_file:
+                with self.fs.open_input_stream(path) as f:
+                    record = json.loads(f.read())
+                text = json.dumps(record, sort_keys=True)
+                return hashlib.sha256(text.encode()).hexdigest()[:32]
+        raise ConfigError(f"latent dataset {self}: no metadata.json (not a finished dataset)")
 
     def part_files(self) -> list[str]:
         files = sorted(p for ranges in self.parts().values() for _, _, p in ranges)

@@ -75,11 +75,12 @@ def generator_spec(ckpt, sampler: SamplerConfig, *, vae: str = "", seed: int = 0
 
 
 def read_training_link(ckpt) -> dict:
-    """{run_id, step} of the training that wrote this export (config.json's "training" entry,
+    """{run_id, step, model_id (its MLflow logged model)} of the training that wrote this export (config.json's "training" entry,
     written by flowar train's EMA export); empty for a bare save_pretrained folder."""
     training = json.loads(read_text(ckpt, "config.json") or "{}").get("training") or {}
     return {k: v for k, v in (("run_id", training.get("mlflow_run_id")),
-                              ("step", training.get("step"))) if v is not None}
+                              ("step", training.get("step")),
+                              ("model_id", training.get("mlflow_model_id"))) if v is not None}
 
 
 def checkpoint_identity(ckpt) -> dict:

@@ -98,7 +98,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     mlflow = open_child_run(cfg, ckpt, parent_id, parent_note, settings)
     mlflow["training_run_id"] = link.get("run_id", "")
     report = build_report(cfg, results, done, settings, step, out, mlflow)
-    publish(cfg, report, generated["grid"], out)
+    publish(cfg, report, generated["grid"], out, {"model_id": link.get("model_id", ""), "reference": spec})
     shards.print_table(results, report)
     return report
 
@@ -137,7 +137,10 @@ def open_child_run(cfg: EvalConfig, ckpt: str, parent_id: str, note: str, settin
         tracking.end_run(uri, parent_id, "FINISHED")  # it only groups evaluations: nothing runs in it
     key = settings_key(result_identity(cfg, settings))[:8]
     name = child_run_name(cfg.sampler, key)
-    run_id, resumed = tracking.start_or_resume_child_run(uri, parent_id, name, {"flowar.evaluation": key})
+    from pipelines.core.source import flowar_command, source_tags
+
+    tags = {"flowar.evaluation": key, **source_tags(flowar_command("evaluate", ckpt))}
+    run_id, resumed = tracking.start_or_resume_child_run(uri, parent_id, name, tags)
     return {"run_id": run_id, "run_name": name, "resumed": resumed, "parent_run_id": parent_id,
             "parent": note}
 
@@ -172,9 +175,10 @@ def child_params(cfg: EvalConfig, ckpt: str) -> dict:
             "reference.source": cfg.reference.source, "checkpoint": ckpt}
 
 
-def publish(cfg: EvalConfig, report: dict, grid: list, out) -> None:
+def publish(cfg: EvalConfig, report: dict, grid: list, out, lineage: dict) -> None:
     """The grid and report.json into the output folder, then everything into the child run
-    (which ends FAILED, not RUNNING, when either fails)."""
+    (which ends FAILED, not RUNNING, when either fails). `lineage`: the export's MLflow model id
+    (the metrics are logged against it) and the reference's spec (the run's evaluation input)."""
     from pipelines.evaluate import shards
 
     try:
@@ -187,7 +191,7 @@ def publish(cfg: EvalConfig, report: dict, grid: list, out) -> None:
                     out.put_file(path, path.name)
             shards.log_to_mlflow(cfg, report["mlflow_run_id"], report["step"], report["results"],
                                  child_params(cfg, report["settings"]["checkpoint"]),
-                                 [report_path, grid_path])
+                                 [report_path, grid_path], **lineage)
     except BaseException:
         tracking.fail_run_if_running(tracking.client(cfg.mlflow.resolved_uri()), report["mlflow_run_id"])
         raise

@@ -16,6 +16,7 @@ two class directories per shard. The driver holds O(directories), a call O(direc
 from __future__ import annotations
 
 import hashlib
+import json
 
 from pipelines.core import storage
 from pipelines.data.sources import (is_image_name, load_reference_images, parse_reference_source,
@@ -91,6 +92,21 @@ def _walk(fs, root: str, rel: str):
 def identity(spec: dict) -> dict:
     """What names the reference in the statistics cache (the digest stands for the listing)."""
     return {k: v for k, v in spec.items() if k != "dirs"}
+
+
+def reference_digest(spec: dict) -> str:
+    """The reference's identity as a short hash (its MLflow dataset digest)."""
+    return hashlib.sha256(json.dumps(identity(spec), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def log_reference(c, run_id: str, spec: dict, source: str) -> None:
+    """The reference `spec` (read from `source`) as the MLflow run's evaluation input."""
+    from pipelines.core.lineage import EVALUATION, log_dataset
+
+    where = str(spec.get("path") or spec.get("source") or source)
+    log_dataset(c, run_id, name=f"reference:{where.rstrip('/').rsplit('/', 1)[-1] or where}",
+                digest=reference_digest(spec), where=where, context=EVALUATION,
+                profile={"images": spec.get("count"), "kind": spec.get("kind")})
 
 
 def range_call(spec: dict, start: int, end: int) -> dict:

@@ -68,14 +68,7 @@ def as_rgb(pixels: torch.Tensor) -> torch.Tensor:
 def load_vae(spec: dict, device):
     """(vae, decode) for the VAE named by a latent dataset's metadata (`vae` of latents.json):
     decode maps normalised latents to images in [-1, 1] with the dataset's own normalisation."""
-    if not spec.get("id"):
-        raise ValueError(f"VAE spec {spec!r} names no VAE ('id')")
-    vae, info = flowar_vae.load_vae(spec["id"], device)
-    if spec.get("sha256") and spec["sha256"] != info.sha256:
-        raise ValueError(f"VAE {spec['id']!r} has weights {info.sha256[:12]}, but the model was trained "
-                         f"on latents of {spec['sha256'][:12]}: decoding would give wrong images")
-    info = dataclasses.replace(info, scaling_factor=float(spec.get("scaling_factor", info.scaling_factor)),
-                               shift_factor=float(spec.get("shift_factor") or 0.0))
+    vae, info = flowar_vae.load_for_latents(spec, device)
     return vae, (lambda z: flowar_vae.decode(vae, z, info))
 
 

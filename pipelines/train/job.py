@@ -54,6 +54,7 @@ def run_train(cfg: TrainJobConfig, config_path: str | None = None, *, fault: dic
     units = LatentDataset(cfg.data.path).units()  # the row groups the workers stream
     payload = _start_run(cfg, config_path, meta, units, fault or {})
     payload.eval_reference = eval_reference
+    _log_inputs(payload, eval_reference)
     init_ray(cfg.ray, min_cpus=cfg.train.num_workers + 1)  # + one CPU for the driver's actors
     trainer = _trainer(payload, callbacks, resources_per_worker)
     result = _fit(trainer, payload, progress if progress is not None else not _in_tune_trial())
@@ -97,6 +98,24 @@ def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDataset
     run_dir = f"{cfg.ray.resolved_storage_path().rstrip('/')}/{name}"
     return WorkerPayload(job=cfg, run_id=run_id, tracking_uri=uri, run_dir=run_dir, meta=meta,
                          units=units, fault=fault)
+
+
+def _log_inputs(payload: WorkerPayload, reference: dict | None) -> None:
+    """The latent dataset (and the in-training evaluation's reference) as the run's inputs."""
+    from pathlib import PurePosixPath
+
+    from pipelines.core.lineage import TRAINING, log_dataset
+
+    c, cfg, meta = tracking.client(payload.tracking_uri), payload.job, payload.meta
+    path = cfg.data.path
+    log_dataset(c, payload.run_id, name=PurePosixPath(path.rstrip("/")).name or path,
+                digest=LatentDataset(path).digest(), where=path, context=TRAINING,
+                profile={"rows": meta.count, "resolution": meta.resolution, "scales": meta.scales,
+                         "vae": (meta.vae or {}).get("id"), "flip": meta.flip})
+    if reference:
+        from pipelines.evaluate.reference import log_reference
+
+        log_reference(c, payload.run_id, reference, cfg.train.eval_reference)
 
 
 def _tags(cfg: TrainJobConfig, meta: LatentDatasetMeta, config_path: str | None) -> dict[str, str]:

@@ -14,9 +14,7 @@ resuming at another worker count continues the same epoch.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,13 +31,15 @@ from torch import nn
 from flowar import FlowAR
 from flowar.optim import EMA, clip_grad_norm, lr_at, scaled_lr
 from pipelines.core import tracking
-from pipelines.train.checkpointing import (copy_dir, export_ema, full_ema_state, load_checkpoint,
-                                           model_buffers, read_state, save_checkpoint)
+from pipelines.train.checkpointing import (full_ema_state, load_checkpoint, model_buffers,
+                                           read_state, save_checkpoint)
 from pipelines.train.config import TrainConfig, TrainJobConfig, WorkerPayload
 from pipelines.train.data import BatchSource, latent_columns, open_reader, seed_of
 from pipelines.train.evaluation import InTrainingEval
 from pipelines.train.faults import inject_fault, log_keys, read_logger
 from pipelines.train.parallelize import grad_sync, parallelize
+from pipelines.train.records import (export, log_metrics, log_samples, start_system_metrics,
+                                     stop_system_metrics)
 from pipelines.train.samples import SampleGrid
 
 __all__ = ["train_loop_per_worker", "non_finite_message", "Meter", "Worker"]
@@ -49,9 +49,16 @@ __all__ = ["train_loop_per_worker", "non_finite_message", "Meter", "Worker"]
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function; `config` is {"payload": WorkerPayload} (pipelines/train/job.py)."""
-    payload = WorkerPayload.from_loop_config(config)
-    w = setup(payload)
-    tc = w.train
+    w = setup(WorkerPayload.from_loop_config(config))
+    try:
+        run_steps(w)
+    finally:
+        stop_system_metrics(w.system_metrics)
+
+
+def run_steps(w: Worker) -> None:
+    """The steps from the restored one to the last, with their logs, evaluations and checkpoints."""
+    tc, payload = w.train, w.payload
     window, interval = Meter.zeros(w.num_losses), Meter.zeros(w.num_losses)  # since log, checkpoint
     t_loop = time.perf_counter()
     for step in range(w.start_step, w.total_steps):
@@ -138,6 +145,7 @@ class Worker:
     best_loss: float = math.inf  # of the checkpoint intervals so far
     mlflow: Any = None  # rank 0's MLflow client; None on every other rank
     grid: SampleGrid | None = None  # rank 0 only
+    system_metrics: Any = None  # the first worker of each node: MLflow's SystemMetricsMonitor
     evaluator: InTrainingEval | None = None  # every rank, with train.eval_every
 
     @property
@@ -186,6 +194,7 @@ def setup(payload: WorkerPayload) -> Worker:
         w.evaluator = InTrainingEval(job, payload.meta.vae, payload.eval_reference, device, rank, world)
     if rank == 0:
         _announce(w, time.perf_counter() - t_start)
+    w.system_metrics = start_system_metrics(w)
     return w
 
 
@@ -301,32 +310,6 @@ def stop(w: Worker, reason: str, step: int) -> None:
 
 # ------------------------------------------------------------------ logs, samples, checkpoints
 
-def log_metrics(w: Worker, window: Meter, lr: float, done: int) -> None:
-    """Rank 0 logs the means over the steps since the last log and the throughput; every rank
-    first joins one reduction of the worst data wait and memory (so the log shows the slowest
-    input and the largest worker, not rank 0's)."""
-    elapsed = time.perf_counter() - window.t0
-    # ru_maxrss is in KiB on Linux: this process's peak resident memory
-    worst = torch.tensor([window.data_s / max(elapsed, 1e-9),
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device=w.device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if w.mlflow is None:
-        return
-    mean = window.mean()
-    images_s = w.train.global_batch_size * window.steps / max(elapsed, 1e-9)
-    scale_names = [f"loss_scale{s}" for s in w.job.model.scales]
-    metrics = {"loss": mean[0], **dict(zip(scale_names, mean[1:])), "lr": lr,
-               "grad_norm": window.grad_norm / window.steps, "images_per_s": images_s,
-               "tokens_per_s": images_s * w.job.model.num_tokens,
-               "epoch": done / w.source.steps_per_epoch,
-               # the fraction of the window the slowest rank spent waiting for its batches
-               "data_wait_fraction": worst[0].item(), "worker_peak_rss_mb": worst[1].item(),
-               "data_rows_read": w.source.reader.stats.rows}
-    if w.device.type == "cuda":
-        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 2**30
-    tracking.log_metrics(w.mlflow, w.payload.run_id, metrics, step=done)
-
-
 def is_eval_step(tc: TrainConfig, done: int, total: int) -> bool:
     """Every train.eval_every steps, and at the last step (so a run's final report, which a
     sweep ranks by, carries its evaluation)."""
@@ -346,14 +329,6 @@ def evaluate(w: Worker, step: int) -> dict:
     return metrics
 
 
-def log_samples(w: Worker, step: int) -> None:
-    """A sample grid of the EMA weights (every rank calls it: gathering them is collective under FSDP)."""
-    full = full_ema_state(w.ema)
-    if w.grid is not None:
-        tracking.log_image(w.mlflow, w.payload.run_id, w.grid.render(full),
-                           f"samples/step_{step:07d}.png")
-
-
 def checkpoint(w: Worker, interval: Meter, lr: float, done: int, evaluated: dict) -> None:
     """Every rank: the best EMA so far to <run dir>/best, at the end the last samples and the
     export, then Ray's checkpoint of the step (its report carries `evaluated`, the step's
@@ -368,24 +343,8 @@ def checkpoint(w: Worker, interval: Meter, lr: float, done: int, evaluated: dict
     if done == w.total_steps:
         log_samples(w, done)
         metrics["export_dir"] = w.train.export_dir or f"{run_dir}/export"
-        export(w, metrics["export_dir"], done, artifact_path="model")
+        export(w, metrics["export_dir"], done, log_model=True)
     report(w, metrics, done)
-
-
-def export(w: Worker, out_dir: str, step: int, artifact_path: str = "") -> None:
-    """The EMA weights as a from_pretrained folder at `out_dir` (and under `artifact_path` in
-    MLflow when given). Every rank calls it: gathering the EMA is collective under FSDP."""
-    full = full_ema_state(w.ema)
-    if w.rank != 0:
-        return
-    buffers = model_buffers(w.model, full)
-    info = {"run_dir": w.payload.run_dir, "mlflow_run_id": w.payload.run_id, "step": step,
-            "ema_decay": w.train.ema_decay, "dataset": w.job.data.path}
-    with tempfile.TemporaryDirectory() as tmp:
-        export_ema(w.model.config, full, tmp, dataclasses.asdict(w.payload.meta), buffers, info)
-        copy_dir(tmp, out_dir)
-        if artifact_path:
-            tracking.log_artifacts(w.mlflow, w.payload.run_id, tmp, artifact_path)
 
 
 def report(w: Worker, metrics: dict, done: int) -> None:

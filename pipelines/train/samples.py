@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from flowar import FlowAR
-from flowar.vae import decode, load_vae
+from flowar.vae import decode, load_for_latents
 from pipelines.core.images import image_grid
 from pipelines.data.latents import LatentDatasetMeta
 from pipelines.train.config import TrainJobConfig
@@ -44,8 +44,8 @@ class SampleGrid:
         if not self._vae_tried:
             self._vae_tried = True
             try:
-                spec = (self.meta.vae or {}).get("id")
-                self._vae = load_vae(spec, self.device) if spec else None
+                spec = self.meta.vae or {}  # its normalisation: the dataset's, as decoding wants
+                self._vae = load_for_latents(spec, self.device) if spec.get("id") else None
             except Exception as e:  # noqa: BLE001 - any failure means "show latents instead"
                 print(f"flowar train: sample grids show raw latents; the dataset's VAE did not "
                       f"load here ({type(e).__name__}: {e})")
