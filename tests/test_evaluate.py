@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from pipelines.core import tracking
+
 pytestmark = pytest.mark.ray
 
 BASE = ["generation.num_samples=12", "generation.samples_per_class=2", "generation.batch_size=2",
@@ -166,7 +168,8 @@ def test_report_and_mlflow(runs):
     assert hist[0].value == pytest.approx(rep["results"]["fid"])
     assert "eval/inception_score" not in child.data.metrics
     assert child.data.tags["eval/inception_score"].startswith("unavailable")
-    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"report.json", "samples.png"}
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"report.json", "samples.png", "images"}
+    assert tracking.image_steps(client, child.info.run_id, "eval_samples") == [7, 7, 7]  # the grid, per evaluation
     params = child.data.params
     assert (params["sampler.cfg"], params["sampler.num_steps"], params["generation.num_samples"],
             params["generation.seed"], params["reference.source"]) == ("2.0", "4", "12", "0",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.core import tracking
 from test_evaluate import BASE, make_export
 
 pytestmark = pytest.mark.ray
@@ -70,7 +71,8 @@ def snapshot(uri: str, run_id: str, tmp) -> dict:
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     where = client.download_artifacts(run_id, "", str(tmp))
-    files = {p.name: p.read_bytes() for p in sorted(Path(where).iterdir())}
+    files = {str(p.relative_to(where)): p.read_bytes() for p in sorted(Path(where).rglob("*"))
+             if p.is_file()}
     history = {k: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k)]
                for k in run.data.metrics}
     return {"files": files, "history": history, "params": run.data.params,
@@ -107,7 +109,8 @@ def test_two_evaluations_are_two_child_runs(env, two_evaluations):
     for kid, cfg, report in zip(kids, ("1.5", "3.0"), (first, second)):
         assert kid.data.params["sampler.cfg"] == cfg and kid.info.status == "FINISHED"
         assert kid.info.run_name.startswith(f"eval cfg={float(cfg):g} gh=0.9 steps=4 [")
-        assert {a.path for a in client.list_artifacts(kid.info.run_id)} == {"report.json", "samples.png"}
+        assert {a.path for a in client.list_artifacts(kid.info.run_id)} == {"report.json", "samples.png", "images"}
+        assert tracking.image_steps(client, kid.info.run_id, "eval_samples") == [5]  # the grid, at the step
         assert [(m.step, m.value) for m in client.get_metric_history(kid.info.run_id, "eval/fid")] == [
             (5, pytest.approx(report["results"]["fid"]))]
         logged = json.loads(Path(client.download_artifacts(
@@ -158,6 +161,12 @@ def test_grid_runs_each_combination_as_a_child_and_writes_the_best(env, grid):
     for kid, e in zip(kids, saved["evaluations"]):
         assert kid.data.metrics["eval/fid"] == pytest.approx(e["fid"])
     assert saved["written_by"]["parent_run_id"] == grid["train_id"]
+    # The export's model card carries the best setting's results and where they were measured.
+    card = json.loads(Path(grid["ckpt"], "evaluation.json").read_text())
+    assert card["results"]["fid"] == pytest.approx(min(fids))
+    assert card["details"]["mlflow run"] == kids[best].info.run_id
+    assert card["details"]["sampler"] == saved["sampler"]
+    assert f"| fid | {min(fids):.6g} |" in Path(grid["ckpt"], "README.md").read_text()
     # The two evaluations shared the reference statistics through the cache.
     reports = [json.loads(Path(e["output_dir"], "report.json").read_text()) for e in saved["evaluations"]]
     assert [r["reference"]["cached"] for r in reports] == [False, True]

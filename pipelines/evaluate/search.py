@@ -208,8 +208,30 @@ def run_plan(plan: EvalPlan) -> dict:
             print(f"\n=== sampler grid {i + 1}/{len(plan.evaluations)}: {label(combo)} ===", flush=True)
         reports.append(run_evaluate(cfg))
     if len(reports) < 2:
+        write_card(reports[0])
         return {"reports": reports}
-    return {"reports": reports, **summarize(plan, reports)}
+    summary = summarize(plan, reports)
+    if summary["best"] is not None:
+        write_card(reports[summary["best"]])
+    return {"reports": reports, **summary}
+
+
+def write_card(report: dict) -> str:
+    """The evaluated export's model card (README.md) and evaluation.json with these results and
+    how they were measured (flowar.hub.write_model_card), when the export is a local folder; a
+    sampler grid writes its best setting's. Returns the card's path, "" when none was written."""
+    from flowar.hub import write_model_card
+
+    s = report["settings"]
+    if storage.is_uri(s["checkpoint"]):
+        print(f"the model card of {storage.display(s['checkpoint'])} is left as it is (not a local "
+              "folder); report.json holds the results")
+        return ""
+    details = {"sampler": s["sampler"], "samples": report["num_generated"],
+               "reference": report["config"]["reference"]["source"],
+               "reference images": report["num_reference"], "seed": s["seed"],
+               "step": report["step"], "mlflow run": report["mlflow_run_id"]}
+    return str(write_model_card(s["checkpoint"], report["results"], details))
 
 
 def summarize(plan: EvalPlan, reports: list[dict]) -> dict:
