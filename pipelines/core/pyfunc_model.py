@@ -65,7 +65,7 @@ class FlowARImages(PythonModel):
         seed, batch = int(params.pop(SEED_PARAM, 0)), int(params.pop(BATCH_PARAM, 16))
         sampler = SamplerConfig(**{**self.sampler, **{k: v for k, v in params.items()
                                                        if k in self.sampler}})
-        labels = torch.as_tensor(np.asarray(model_input["class_label"], dtype=np.int64))
+        labels = torch.from_numpy(np.array(model_input["class_label"], dtype=np.int64))  # a copy
         n = self.model.config.num_classes
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < n):
             raise ValueError(f"class_label: values must be in [0, {n - 1}] for this model")
@@ -78,4 +78,5 @@ class FlowARImages(PythonModel):
         return torch.cat(out).numpy()
 
 
-mlflow.models.set_model(FlowARImages())
+if __name__ != "pipelines.core.pyfunc_model":  # run by MLflow as the model's code, not imported
+    mlflow.models.set_model(FlowARImages())
