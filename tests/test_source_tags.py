@@ -58,7 +58,7 @@ def test_local_run_reads_git_in_the_package_checkout(repo, monkeypatch):
                                                 source_type="LOCAL")
     assert source_tags("flowar train configs/train-tiny.yaml", {}) == {
         "mlflow.source.name": "flowar train configs/train-tiny.yaml", "mlflow.source.type": "LOCAL",
-        "mlflow.source.git.commit": head, "flowar.git_dirty": "true", "mlflow.user": getpass.getuser()}
+        "mlflow.source.git.commit": head, "mlflow.source.git.dirty": "true", "mlflow.user": getpass.getuser()}
 
 
 def test_submitted_jobs_variables_win_over_git(repo, monkeypatch):
@@ -67,7 +67,7 @@ def test_submitted_jobs_variables_win_over_git(repo, monkeypatch):
     env = {ENV_TYPE: "JOB", ENV_COMMIT: "f" * 40, ENV_DIRTY: "false", ENV_USER: "alice"}
     assert source_tags("flowar encode c.yaml", env) == {
         "mlflow.source.name": "flowar encode c.yaml", "mlflow.source.type": "JOB",
-        "mlflow.source.git.commit": "f" * 40, "flowar.git_dirty": "false", "mlflow.user": "alice"}
+        "mlflow.source.git.commit": "f" * 40, "mlflow.source.git.dirty": "false", "mlflow.user": "alice"}
     # submitted from a directory that was no checkout: no commit, and git here is not asked
     assert source_tags("flowar train c.yaml", {ENV_TYPE: "JOB", ENV_USER: "alice"}) == {
         "mlflow.source.name": "flowar train c.yaml", "mlflow.source.type": "JOB", "mlflow.user": "alice"}
@@ -79,7 +79,7 @@ def test_outside_a_checkout_there_is_no_commit_tag(tmp_path, monkeypatch):
     assert git_state(plain) == (None, None)
     monkeypatch.setattr(source, "REPOSITORY", plain)  # e.g. a copy of the code without .git
     tags = source_tags("flowar train c.yaml", {})
-    assert "mlflow.source.git.commit" not in tags and "flowar.git_dirty" not in tags
+    assert "mlflow.source.git.commit" not in tags and "mlflow.source.git.dirty" not in tags
     assert tags["mlflow.source.type"] == "LOCAL" and "unknown" not in tags.values()
     assert git_state(tmp_path / "missing") == (None, None)
 

@@ -387,7 +387,7 @@ def test_encode_then_train_and_the_results_outlive_the_job(cluster, tiny_vae, tm
     assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.type"] == "JOB"
     assert tags["mlflow.source.name"].startswith("flowar train configs/train-tiny.yaml data.path=")
     assert tags["mlflow.user"] == getpass.getuser()
-    assert tags["flowar.git_dirty"] == ("true" if f"uncommitted changes of {head}" in stderr else "false")
+    assert tags["mlflow.source.git.dirty"] == ("true" if f"uncommitted changes of {head}" in stderr else "false")
     assert not laptop_home.exists()
     assert not list(cluster["temp"].rglob("_ray_pkg_*/flowar-runs"))
 

@@ -102,13 +102,13 @@ def source_info(environ=None) -> SourceInfo:
 
 def source_tags(command: str, environ=None) -> dict[str, str]:
     """MLflow's source tags for a run started by `command` (e.g. "flowar train configs/x.yaml"),
-    plus flowar.git_dirty. No commit, no commit tag: "unknown" there would read as a commit."""
+    with mlflow.source.git.dirty. No commit, no commit tag: "unknown" there would read as a commit."""
     info = source_info(environ)
     tags = {"mlflow.source.name": command, "mlflow.source.type": info.source_type}
     if info.commit:
         tags["mlflow.source.git.commit"] = info.commit
         if info.dirty is not None:
-            tags["flowar.git_dirty"] = "true" if info.dirty else "false"
+            tags["mlflow.source.git.dirty"] = "true" if info.dirty else "false"
     if info.user:
         tags["mlflow.user"] = info.user
     return tags
