@@ -59,7 +59,9 @@ def compare_url(uri: str, experiment: str, prefix: str) -> tuple[str, list[str]]
     if len(runs) < 2:
         raise SystemExit(f"{len(runs)} finished run(s) named {prefix}*: nothing to compare")
     keys = set.intersection(*(set(r.data.params) for r in runs))
-    swept = sorted(k for k in keys if len({r.data.params[k] for r in runs}) > 1 and k != "mlflow.run_name")
+    # the swept settings; the seed axis is replicates, not a setting (its lines would cross the plot)
+    swept = sorted(k for k in keys if len({r.data.params[k] for r in runs}) > 1
+                   and k not in ("mlflow.run_name", "train.seed"))
     ids = json.dumps(sorted(r.info.run_id for r in runs))
     return (f"{uri}/#/compare-runs?runs={quote(ids)}&experiments={quote(json.dumps([exp.experiment_id]))}",
             swept)
