@@ -72,9 +72,10 @@ def build(published, name: str, **extra):
     return theirs, ours, args
 
 
-def inputs(batch: int, seed: int = 0):
+def inputs(batch: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 16, 16, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+    x, y = torch.randn(batch, 16, 16, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def published_semantics(model, latents, labels):
@@ -114,22 +115,29 @@ def timed(fn, runs: int) -> list[float]:
     return times
 
 
-def train_step(model, is_published: bool, batch: int):
+def train_step(model, is_published: bool, batch: int, device: str = "cpu", autocast=None,
+               forward=None):
+    """One AdamW step of `model` on fixed inputs; `autocast` (a context, e.g. bf16) around the
+    forward, `forward` in place of the model's own (e.g. its torch.compile; gpu_check.py)."""
+    import contextlib
+
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
-    x, y = inputs(batch)
+    x, y = inputs(batch, device=device)
+    forward = forward or (model if is_published else (lambda a, b: model.loss(a, b)[0]))
 
     def step():
-        loss = model(x, y) if is_published else model.loss(x, y)[0]
+        with autocast or contextlib.nullcontext():
+            loss = forward(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-def generation(model, is_published: bool, batch: int, sampler: dict):
+def generation(model, is_published: bool, batch: int, sampler: dict, device: str = "cpu"):
     model.eval()
-    _, y = inputs(batch)
+    _, y = inputs(batch, device=device)
 
     @torch.no_grad()
     def generate():

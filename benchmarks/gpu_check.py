@@ -11,6 +11,10 @@ Sections (each one runs even when an earlier one fails; its error is reported in
               images/s side by side, peak memory, and how far bf16's loss is from fp32's.
   3. generate S and L, CFG, 25 Euler steps, bf16: images/s with the KV cache and without it.
   4. H        the 1.9B preset takes a bf16 step with gradient checkpointing: peak memory, s/step.
+  5. published with --ref (a checkout of the published code): its training step and generation
+              against flowar's, the same weights, bf16, and flowar compiled (issue 19's ratios).
+  6. MFU      FlowAR-L's bf16 training step: FLOPs counted by torch.utils.flop_counter over the
+              measured time, against --peak-tflops.
 
 On a CPU (`--device cpu --small --no-compile`) the same code runs on debug presets, so the script
 itself is tested here (tests/test_model.py) before a device is ever lent. On a lent H200 (its own
@@ -155,6 +159,84 @@ def check_large(preset: str, batch: int, device: str) -> list[str]:
             f"{seconds:.2f} s/step, peak {peak_gib(device)} GiB"]
 
 
+def check_vs_published(ref: str, name: str, batch: int, device: str, compile_too: bool) -> list[str]:
+    """The published code and flowar side by side on this device, the same weights
+    (benchmarks/bench_vs_published.py): an AdamW training step and a CFG generation. The
+    published code runs as its training does, under bf16 autocast; flowar in bf16 and, with
+    compile, its loss compiled. Ratios are published seconds / flowar seconds."""
+    if not ref:
+        return ["skipped: give --ref, a checkout of the published FlowAR code (see "
+                "benchmarks/bench_vs_published.py)"]
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_vs_published as bvp
+
+    published = bvp.import_published(Path(ref).resolve())
+    theirs, ours, _ = bvp.build(published, name)
+    theirs, ours = theirs.to(device), ours.to(device)
+    amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)  # noqa: E731
+    sampler = bvp.CONFIGS[name]["sampler"]
+
+    def generate(model, is_published):
+        fn = bvp.generation(model, is_published, batch, sampler, device)
+        return lambda: _under(amp, fn)
+    # factories: each sets its model's train/eval mode when built, right before it is timed
+    rows = [("train", "published, bf16", lambda: bvp.train_step(theirs, True, batch, device, amp())),
+            ("train", "flowar, bf16", lambda: bvp.train_step(ours, False, batch, device, amp()))]
+    if compile_too:
+        loss = torch.compile(lambda x, y: ours.loss(x, y)[0])
+        rows.append(("train", "flowar, bf16 + compile",
+                     lambda: bvp.train_step(ours, False, batch, device, amp(), forward=loss)))
+    rows += [("generate", "published, bf16", lambda: generate(theirs, True)),
+             ("generate", "flowar, bf16", lambda: generate(ours, False))]
+    lines = [f"config {name}: training batch {batch}, generation of {batch}, {sampler}", "",
+             "| what | implementation | seconds | published / this |", "|---|---|---|---|"]
+    base = {}
+    for what, label, make in rows:
+        seconds = timed(make(), device, repeats=2)
+        base.setdefault(what, seconds)  # the published row comes first
+        lines.append(f"| {what} | {label} | {seconds:.3f} | {base[what] / seconds:.2f}x |")
+    return lines
+
+
+def _under(amp, fn):
+    with amp():
+        return fn()
+
+
+def check_mfu(preset: str, batch: int, device: str, peak_tflops: float, compile_too: bool) -> list[str]:
+    """Model FLOPs utilisation of a bf16 training step (forward, backward, AdamW): the step's
+    FLOPs counted by torch.utils.flop_counter on one forward + backward, over its measured time,
+    against `peak_tflops` (the device's dense bf16 peak)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = FlowAR.from_preset(preset).to(device).train()
+    x, y = batch_for(model, batch, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.startswith("cuda"))
+    loss = torch.compile(model.loss) if compile_too else model.loss
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            total, _ = loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            total, _ = model.loss(x, y)
+        total.backward()
+    flops = counter.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+    seconds = timed(step, device, repeats=3)
+    achieved = flops / seconds / 1e12
+    return [f"{preset}, batch {batch}, bf16{' + compile' if compile_too else ''} + AdamW: "
+            f"{flops / 1e12:.2f} TFLOP per step, {seconds:.3f} s/step, {achieved:.1f} TFLOP/s = "
+            f"**{100 * achieved / peak_tflops:.1f}% MFU** of {peak_tflops:g} TFLOP/s, "
+            f"peak {peak_gib(device)} GiB"]
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,6 +245,10 @@ def main(argv=None) -> str:
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile (on a 2-core CPU its compilation alone takes minutes)")
     p.add_argument("--out", default="", help="also write the report (Markdown) here")
+    p.add_argument("--ref", default="", help="a checkout of the published FlowAR code: adds the "
+                   "side-by-side section (benchmarks/bench_vs_published.py)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the device's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     a = p.parse_args(argv)
     small = a.small
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
@@ -175,6 +261,12 @@ def main(argv=None) -> str:
          lambda: check_generate(["tiny"] if small else ["S", "L"], 4 if small else 64,
                                 4 if small else 25, a.device)),
         ("largest preset", lambda: check_large("small-cpu" if small else "H", 2 if small else 8, a.device)),
+        ("against the published code" if not small else "against the published code, small config",
+         lambda: check_vs_published(a.ref, "small" if small else "S", 2 if small else 64, a.device,
+                                    not a.no_compile)),
+        ("training MFU, L" if not small else "training MFU, tiny",
+         lambda: check_mfu("tiny" if small else "L", 2 if small else 64, a.device, a.peak_tflops,
+                           not a.no_compile)),
     ]
     for title, fn in sections:
         block = [f"## {title}", ""]

@@ -128,3 +128,5 @@ def test_prepared_gpu_check_runs_every_section_on_cpu(tmp_path):
     golden = re.findall(r"\| reference_v\d\S* \| (\S+) \| (\S+) \| (\S+) \|", text)
     assert len(golden) == 2 and all(float(v) < 1e-4 for row in golden for v in row), golden
     assert "| bf16 |" in text and "KV cache" in text and "grad checkpointing" in text
+    assert "skipped: give --ref" in text  # the published code is the user's checkout, not here
+    assert re.search(r"tiny, batch 2, bf16 \+ AdamW: [\d.]+ TFLOP per step, [\d.]+ s/step", text), text
