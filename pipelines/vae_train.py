@@ -29,6 +29,7 @@ from flowar.config import ConfigError, from_dict, to_dict
 from pipelines.core import storage, tracking
 from pipelines.core.config import MLflowConfig, RayConfig, add_job_parser, load_config, path_field
 from pipelines.core.progress import follow
+from pipelines.core.source import flowar_command, source_tags
 from pipelines.core.ray_runtime import init_ray
 from pipelines.data.sources import SourceConfig, list_items
 
@@ -162,8 +163,6 @@ def _start_run(cfg: VAETrainConfig, uri: str, config_path: str | None) -> str:
     run_name = cfg.mlflow.run_name or f"vae-{uuid.uuid4().hex[:6]}"
     run_id, _ = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name,
                                              cfg.mlflow.artifact_location)
-    from pipelines.core.source import flowar_command, source_tags
-
     tracking.log_config(uri, run_id, cfg, config_path, {
         "job": "vae-train", "output": storage.display(cfg.output),
         **source_tags(flowar_command("vae", "train", config_path))})

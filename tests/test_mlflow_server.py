@@ -98,3 +98,17 @@ def test_sample_grids_are_images_per_step_and_the_experiment_is_model_training(t
 
     assert tracking.image_steps(trained["client"], trained["run"].info.run_id, "samples") == [2, 4]
     assert trained["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_resumed_run_with_a_changed_value_keeps_the_param_and_tags_the_change(mlflow_server):
+    """MLflow params are immutable: log_config records a changed value as changed.<key>."""
+    from pipelines.core import tracking
+    from pipelines.train.config import load_train_config
+
+    run_id, _ = tracking.start_or_resume_run(mlflow_server, "log-config", "resumed")
+    for workers in (2, 1):
+        cfg = load_train_config(TINY, ["data.path=unused", f"train.num_workers={workers}"])
+        tracking.log_config(mlflow_server, run_id, cfg, None, tags={"preset": "tiny"})
+    run = tracking.client(mlflow_server).get_run(run_id)
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["changed.train.num_workers"] == "1" and run.data.tags["preset"] == "tiny"

@@ -27,14 +27,15 @@ def _source(where: str) -> tuple[str, str]:
     return "local", json.dumps({"uri": os.path.abspath(where)})
 
 
-def log_dataset(c, run_id: str, *, name: str, digest: str, where: str, context: str,
+def log_dataset(c, run_id: str, *, digest: str, where: str, context: str, prefix: str = "",
                 profile: dict | None = None) -> None:
-    """List the dataset at `where` (path or URI) as an input of `run_id` in `context`.
-    `profile`: a few facts the UI shows beside it (rows, resolution, VAE). Logging the same
-    dataset again (a resumed run) leaves one entry."""
+    """List the dataset at `where` (path or URI) as an input of `run_id` in `context`, named
+    `prefix` + its folder's name. `profile`: a few facts the UI shows beside it (rows,
+    resolution, VAE). Logging the same dataset again (a resumed run) leaves one entry."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source_type, source = _source(where)
+    name = prefix + (where.rstrip("/").rsplit("/", 1)[-1] or where)
     dataset = Dataset(name=name, digest=digest[:36], source_type=source_type, source=source,
                       profile=json.dumps(profile or {}, default=str))
     c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])

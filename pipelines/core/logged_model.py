@@ -38,9 +38,9 @@ def requirements() -> list[str]:
     return out
 
 
-def signature(export: Path):
-    """Input: a `class_label` column. Output: uint8 images (N, H, W, C) at the export's
-    resolution. Params: the sampler's settings (defaults: the export's recommended sampler), the
+def signature(export: Path, latents: dict):
+    """Input: a `class_label` column. Output: uint8 images (N, H, W, C) at the resolution of
+    `latents` (the export's latents.json). Params: the sampler's settings (defaults: the export's recommended sampler), the
     seed and the batch size."""
     import numpy as np
     from mlflow.models import ModelSignature
@@ -48,7 +48,6 @@ def signature(export: Path):
 
     from pipelines.core.pyfunc_model import BATCH_PARAM, SEED_PARAM, sampler_defaults
 
-    latents = json.loads((export / "latents.json").read_text())
     res, channels = int(latents["resolution"]), _image_channels(latents)
     kinds = {int: "long", float: "double", str: "string"}
     defaults = sampler_defaults(export)
@@ -78,8 +77,9 @@ def log_export(uri: str, run_id: str, export: str | Path, step: int, *,
     from mlflow.pyfunc import _get_pyfunc_model_flavor_name
 
     export = Path(export)
+    latents = json.loads((export / "latents.json").read_text())
     artifacts = {"export": str(export)}
-    vae = Path(str(json.loads((export / "latents.json").read_text())["vae"].get("id", "")))
+    vae = Path(str(latents["vae"].get("id", "")))
     if vae.is_dir():
         artifacts["vae"] = str(vae)
     # Model.log talks to the process's tracking and registry URIs; only rank 0 calls this.
@@ -91,7 +91,7 @@ def log_export(uri: str, run_id: str, export: str | Path, step: int, *,
         warnings.filterwarnings("ignore", message=".*(input example|type hints).*")
         info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
                          step=step, python_model=str(PYFUNC_FILE), artifacts=artifacts,
-                         code_paths=[str(FLOWAR_PACKAGE)], signature=signature(export),
+                         code_paths=[str(FLOWAR_PACKAGE)], signature=signature(export, latents),
                          pip_requirements=requirements(), registered_model_name=register or None,
                          model_type="flowar",
                          flavor_name=_get_pyfunc_model_flavor_name(str(PYFUNC_FILE)))

@@ -131,17 +131,11 @@ def log_config(uri: str, run_id: str, cfg, config_path: str | None, tags: dict[s
 
     A resumed run may be re-launched with a changed value (e.g. more workers); MLflow params are
     immutable, so a changed value is recorded as a `changed.<key>` tag instead of failing."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
     c = client(uri)
-    existing = c.get_run(run_id).data.params
-    params = {k: v[:6000] for k, v in flatten(cfg).items()}
-    new = [Param(k, v) for k, v in params.items() if k not in existing]
-    changed = {f"changed.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
-    for i in range(0, len(new), 100):  # MLflow's batch limit is 100 params
-        c.log_batch(run_id, params=new[i:i + 100])
-    all_tags = {**tags, **changed}
-    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    log_new_params(c, run_id, flatten(cfg))
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     with tempfile.TemporaryDirectory() as tmp:
         dump_yaml(cfg, Path(tmp) / "resolved_config.yaml")
         c.log_artifact(run_id, str(Path(tmp) / "resolved_config.yaml"), artifact_path="config")

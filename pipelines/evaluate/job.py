@@ -51,6 +51,7 @@ from flowar.config import ConfigError, SamplerConfig, to_dict
 from pipelines.core import tracking
 from pipelines.core.config import add_job_parser, flowar_home
 from pipelines.core.ray_runtime import init_ray
+from pipelines.core.source import flowar_command, source_tags
 from pipelines.evaluate import search
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.export import (check_sampler_for_export, checked_export, checkpoint_identity,
@@ -137,8 +138,6 @@ def open_child_run(cfg: EvalConfig, ckpt: str, parent_id: str, note: str, settin
         tracking.end_run(uri, parent_id, "FINISHED")  # it only groups evaluations: nothing runs in it
     key = settings_key(result_identity(cfg, settings))[:8]
     name = child_run_name(cfg.sampler, key)
-    from pipelines.core.source import flowar_command, source_tags
-
     tags = {"flowar.evaluation": key, **source_tags(flowar_command("evaluate", ckpt))}
     run_id, resumed = tracking.start_or_resume_child_run(uri, parent_id, name, tags)
     return {"run_id": run_id, "run_name": name, "resumed": resumed, "parent_run_id": parent_id,
@@ -191,7 +190,7 @@ def publish(cfg: EvalConfig, report: dict, grid: list, out, lineage: dict) -> No
                     out.put_file(path, path.name)
             shards.log_to_mlflow(cfg, report["mlflow_run_id"], report["step"], report["results"],
                                  child_params(cfg, report["settings"]["checkpoint"]),
-                                 [report_path, grid_path], **lineage)
+                                 [report_path, grid_path], grid=grid_path, **lineage)
     except BaseException:
         tracking.fail_run_if_running(tracking.client(cfg.mlflow.resolved_uri()), report["mlflow_run_id"])
         raise

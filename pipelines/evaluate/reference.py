@@ -104,8 +104,8 @@ def log_reference(c, run_id: str, spec: dict, source: str) -> None:
     from pipelines.core.lineage import EVALUATION, log_dataset
 
     where = str(spec.get("path") or spec.get("source") or source)
-    log_dataset(c, run_id, name=f"reference:{where.rstrip('/').rsplit('/', 1)[-1] or where}",
-                digest=reference_digest(spec), where=where, context=EVALUATION,
+    log_dataset(c, run_id, prefix="reference:", digest=reference_digest(spec), where=where,
+                context=EVALUATION,
                 profile={"images": spec.get("count"), "kind": spec.get("kind")})
 
 

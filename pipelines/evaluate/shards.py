@@ -245,33 +245,34 @@ def save_sample_grid(images: list, per_row: int, path: Path) -> Path | None:
 
 
 def log_to_mlflow(cfg, run_id: str, step: int, results: dict, params: dict, files: list,
-                  model_id: str = "", reference: dict | None = None) -> None:
+                  grid: Path | None = None, model_id: str = "", reference: dict | None = None) -> None:
     """Into the evaluation's own MLflow run `run_id` (a child run, job.open_child_run): the
     metrics at the checkpoint step (unavailable ones as tags, never numbers), against the
     export's MLflow model `model_id` when it has one (the model's page then lists them, and the
     model is the run's input); the reference as the run's evaluation input; the settings as
-    params; `files` (the report, the grid; None skipped) as artefacts, the grid also as the
-    image `eval_samples` at the step. The run ends FINISHED, or FAILED when logging fails."""
+    params; `files` (the report, the grid; None skipped) as artefacts, and `grid` (the grid's
+    PNG) as the image `eval_samples` at the step. The run ends FINISHED, or FAILED when logging fails."""
     from pipelines.core import tracking
 
     c = tracking.client(cfg.mlflow.resolved_uri())
     prefix = cfg.metric_prefix.rstrip("/") + "/" if cfg.metric_prefix else ""
+    model_id = _known_model(c, model_id)
     try:
         nums = {f"{prefix}{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
-        tracking.log_metrics(c, run_id, nums, step, model_id=_known_model(c, model_id))
+        tracking.log_metrics(c, run_id, nums, step, model_id=model_id)
         for k, v in results.items():
             if isinstance(v, str):
                 c.set_tag(run_id, f"{prefix}{k}", v)
         tracking.log_new_params(c, run_id, params)
-        _log_lineage(c, run_id, _known_model(c, model_id), reference, cfg.reference.source)
+        _log_lineage(c, run_id, model_id, reference, cfg.reference.source)
         for path in files:
             if path is not None:
                 c.log_artifact(run_id, str(path))
-        if len(files) > 1 and files[1] is not None:  # the grid, with a step slider in the UI
+        if grid is not None:  # with a step slider in the UI
             from PIL import Image
 
-            with Image.open(files[1]) as grid:
-                tracking.log_image(c, run_id, np.asarray(grid.convert("RGB")), "eval_samples", step)
+            with Image.open(grid) as image:
+                tracking.log_image(c, run_id, np.asarray(image.convert("RGB")), "eval_samples", step)
     except BaseException:
         c.set_terminated(run_id, status="FAILED")
         raise

@@ -19,8 +19,10 @@ from __future__ import annotations
 from flowar.config import ConfigError, from_dict, to_dict
 from pipelines.core import tracking
 from pipelines.core.config import add_job_parser
+from pipelines.core.lineage import TRAINING, log_dataset
 from pipelines.core.progress import follow
 from pipelines.core.ray_runtime import init_ray
+from pipelines.core.source import flowar_command, source_tags
 from pipelines.data.latents import LatentDataset, LatentDatasetMeta, check_compatible
 from pipelines.train.config import TrainJobConfig, WorkerPayload, load_train_config, run_name
 
@@ -102,14 +104,9 @@ def _start_run(cfg: TrainJobConfig, config_path: str | None, meta: LatentDataset
 
 def _log_inputs(payload: WorkerPayload, reference: dict | None) -> None:
     """The latent dataset (and the in-training evaluation's reference) as the run's inputs."""
-    from pathlib import PurePosixPath
-
-    from pipelines.core.lineage import TRAINING, log_dataset
-
     c, cfg, meta = tracking.client(payload.tracking_uri), payload.job, payload.meta
     path = cfg.data.path
-    log_dataset(c, payload.run_id, name=PurePosixPath(path.rstrip("/")).name or path,
-                digest=LatentDataset(path).digest(), where=path, context=TRAINING,
+    log_dataset(c, payload.run_id, digest=LatentDataset(path).digest(), where=path, context=TRAINING,
                 profile={"rows": meta.count, "resolution": meta.resolution, "scales": meta.scales,
                          "vae": (meta.vae or {}).get("id"), "flip": meta.flip})
     if reference:
@@ -119,8 +116,6 @@ def _log_inputs(payload: WorkerPayload, reference: dict | None) -> None:
 
 
 def _tags(cfg: TrainJobConfig, meta: LatentDatasetMeta, config_path: str | None) -> dict[str, str]:
-    from pipelines.core.source import flowar_command, source_tags
-
     vae = meta.vae or {}
     return {"dataset": f"{cfg.data.path} ({meta.count} latents, {meta.created or 'undated'})",
             "dataset_path": cfg.data.path,
