@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import FlowARConfig
-from .layers import KVCache, RMSNorm, Rope2D, SelfAttention, geglu_mlp, modulate
+from .layers import KVCache, RMSNorm, Rope2D, SelfAttention, gated, geglu_mlp, modulate
 from .pyramid import segments
 
 
@@ -31,8 +31,8 @@ class ARBlock(nn.Module):
     def forward(self, x, cond, rope, mask=None, cache: KVCache | None = None, layer: int = 0):
         # Published order of the six modulation vectors: gates, scales, shifts.
         gate1, gate2, scale1, scale2, shift1, shift2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = gated(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer))
+        return gated(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class ScaleAR(nn.Module):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .config import FlowARConfig
-from .layers import (CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmbedder, geglu_mlp,
-                     modulate)
+from .layers import (CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmbedder, gated,
+                     geglu_mlp, modulate)
 
 PER_TOKEN_CONDITION = ("spatial_adaln", "cross_attention_adaln")
 # Injections that read the semantics at flow width through `semantics_proj`. cross_attention reads
@@ -44,8 +44,8 @@ class AdaLNBlock(nn.Module):
     def forward(self, x, cond, semantics, rope):
         gate1, gate2, scale1, scale2, shift1, shift2 = self.ada_lin(nn.functional.silu(cond)).chunk(6, -1)
         if self.attn is not None:
-            x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+            x = gated(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
+        return gated(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -66,9 +66,9 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x, cond, semantics, rope, t_emb):
         gate1, scale1, shift1 = self.ada_lin_attn(nn.functional.silu(t_emb)).chunk(3, -1)
         gate2, scale2, shift2 = self.ada_lin_mlp(nn.functional.silu(cond)).chunk(3, -1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = gated(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
         x = x + self.cross_attn(self.query_norm(x), self.semantics_norm(semantics), rope)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return gated(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -119,7 +119,7 @@ class FlowNet(nn.Module):
         rope = self.rope.table(side, x.device)
         if mode == "sequence_concat":
             x = torch.cat([x, sem], dim=1)  # semantics token i sits at the same position as input i
-            rope = tuple(torch.cat([r, r]) for r in rope)
+            rope = torch.cat([rope, rope])
 
         if mode in PER_TOKEN_CONDITION:
             cond = sem + t_emb

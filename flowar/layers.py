@@ -2,8 +2,8 @@
 
 Numerics follow the published FlowAR code so its checkpoints load: RMSNorm in float32 with eps
 1e-6, EVA-style axial 2D RoPE with interleaved pairs, DiT's sinusoidal timestep embedding on
-floor(1000 t), and timm's SwiGLU with a GELU gate (a GEGLU), which is what the published
-"SwiGLU" really computes.
+floor(1000 t), and a SwiGLU MLP with a GELU gate (a GEGLU), which is what the published
+"SwiGLU" (timm's) really computes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import SwiGLU
 from torch import nn
 
 
@@ -25,19 +24,91 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Computed in float32 whatever the autocast dtype: bf16 mean-of-squares loses too much.
-        xf = x.float()
-        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        # x * rsqrt(mean(x^2) + eps), torch's fused kernel.
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return out * self.weight if self.weight is not None else out
 
 
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's Bernoulli(1 - p) keep mask, of x's shape, from uniform 32-bit integers: P(keep)
+    is 1 - p to within 2^-32, every element independent. On the CPU this draws a 64-bit word per
+    two elements, about a third of the cost of the float bernoulli_ that F.dropout draws (which
+    took 17% of a training step's time; benchmarks/RESULTS.md)."""
+    n = x.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    threshold = round((1 - p) * 2 ** 32) - 2 ** 31  # int32 words are uniform on [-2^31, 2^31)
+    return (words.view(torch.int32)[:n] < threshold).view(x.shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout (same p, same placement, same 1 / (1 - p) scaling) with keep_mask on the CPU.
+    torch.where saves only the mask for backward (and is 5x faster than a product with it)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training=True)  # CUDA's fused kernel draws its mask cheaply
+    return torch.where(keep_mask(x, p), x, 0.0).mul_(1.0 / (1.0 - p))
+
+
+def attention(q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """scaled_dot_product_attention; `mask` True where a query may attend. With dropout on the
+    CPU, torch's fused kernels do not apply and its math fallback draws a float mask over the
+    whole attention matrix, so this spells the same computation out with keep_mask, and applies
+    1 / (1 - p) to the (smaller) output instead of to the weights."""
+    if dropout_p == 0.0 or q.device.type != "cpu" or dropout_p >= 1.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))  # in place: the matmul's backward keeps q and k
+    weights = scores.softmax(dim=-1)
+    kept = torch.where(keep_mask(weights, dropout_p), weights, 0.0)
+    return (kept @ v).mul_(1.0 / (1.0 - dropout_p))
+
+
+# Hidden widths are padded to a multiple of this inside the MLP's matmuls (not in its weights).
+MATMUL_ALIGN = 16
+
+
+class GEGLU(nn.Module):
+    """Gated MLP fc2(GELU(fc1_g(x)) * fc1_x(x)), the published model's "SwiGLU" (timm's module
+    with a GELU gate; the same parameter names, so checkpoints load).
+
+    The published hidden widths are not multiples of 16 (682 for width 256, 2730 for 1024), and
+    MKL's fp32 GEMM on AVX-512 runs such a width at about half speed (benchmarks/RESULTS.md,
+    "against the published code"). So the matmuls run on weights padded with zero rows (fc1) and
+    zero columns (fc2): the padded hidden units are GELU(0) * 0 = 0 and add exact zeros to fc2,
+    so the output is the same up to float32 rounding, and the padding gets no gradient."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = drop
+        self.pad = -hidden % MATMUL_ALIGN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.pad
+        gate = F.linear(x, F.pad(self.fc1_g.weight, (0, 0, 0, pad)), F.pad(self.fc1_g.bias, (0, pad)))
+        value = F.linear(x, F.pad(self.fc1_x.weight, (0, 0, 0, pad)), F.pad(self.fc1_x.bias, (0, pad)))
+        hidden = dropout(F.gelu(gate) * value, self.drop, self.training)
+        out = F.linear(hidden, F.pad(self.fc2.weight, (0, pad)), self.fc2.bias)
+        return dropout(out, self.drop, self.training)
+
+
 def geglu_mlp(dim: int, hidden: int, drop: float = 0.0) -> nn.Module:
-    """Gated MLP act(fc1_g(x)) * fc1_x(x) -> fc2 with a GELU gate, as the published model."""
-    return SwiGLU(in_features=dim, hidden_features=hidden, act_layer=nn.GELU, drop=drop)
+    return GEGLU(dim, hidden, drop)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN's modulation of a normalised x (DiT's `modulate`), in every adaLN block."""
-    return x * (1 + scale) + shift
+    """adaLN's modulation of a normalised x (DiT's `modulate`, x * (1 + scale) + shift), in every
+    adaLN block; addcmul does the product and the sum in one pass."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """The gated residual x + gate * branch, in one pass."""
+    return torch.addcmul(x, gate, branch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,33 +125,31 @@ class Rope2D(nn.Module):
         self.latent_size = latent_size
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def table(self, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (side*side, head_dim), for a side x side grid in raster order."""
+    def table(self, side: int, device: torch.device) -> torch.Tensor:
+        """Unit complex rotations (side*side, head_dim // 2) for a side x side grid in raster
+        order: one per interleaved channel pair, the first half of the pairs turning with the
+        row, the second half with the column."""
         key = (side, str(device))
         if key not in self._tables:
             pos = torch.arange(side, dtype=torch.float32, device=device) / side * self.latent_size
-            angles = torch.outer(pos, self.freqs.to(device)).repeat_interleave(2, dim=-1)
+            angles = torch.outer(pos, self.freqs.to(device))
             rows = angles[:, None, :].expand(side, side, -1)
             cols = angles[None, :, :].expand(side, side, -1)
             full = torch.cat([rows, cols], dim=-1).reshape(side * side, -1)
-            self._tables[key] = (full.cos(), full.sin())
+            self._tables[key] = torch.complex(full.cos(), full.sin())
         return self._tables[key]
 
-    def tables(self, sides, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, sides, device) -> torch.Tensor:
         """Tables for consecutive scale segments of one sequence, concatenated."""
-        parts = [self.table(s, device) for s in sides]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat([self.table(s, device) for s in sides])
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x = rearrange(x, "... (d r) -> ... d r", r=2)
-    x1, x2 = x.unbind(-1)
-    return rearrange(torch.stack((-x2, x1), dim=-1), "... d r -> ... (d r)")
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, N, head_dim); cos/sin (N, head_dim)."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, N, head_dim), rotation (N, head_dim // 2) complex: each channel pair
+    (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin), the published x * cos +
+    rotate_half(x) * sin, computed as one complex product instead of five passes."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -104,21 +173,20 @@ class SelfAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_drop, self.proj_drop = attn_drop, proj_drop
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor] | None, mask=None,
+    def forward(self, x, rope: torch.Tensor | None, mask=None,
                 cache: KVCache | None = None, layer: int = 0):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             # The queries are exactly the newest scale, which may see every cached (coarser)
             # scale and itself: the block-causal mask needs no explicit form here.
             k, v = cache.extend(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        out = attention(q, k, v, mask, self.attn_drop if self.training else 0.0)
+        out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return dropout(out, self.proj_drop, self.training)
 
 
 class CrossAttention(nn.Module):
@@ -135,7 +203,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
