@@ -16,6 +16,8 @@ How the semantics enter is the paper's Table 6 ablation (`config.injection`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -63,11 +65,14 @@ class CrossAttentionBlock(nn.Module):
         self.ada_lin_attn = nn.Linear(width, 3 * width)
         self.ada_lin_mlp = nn.Linear(width, 3 * width)
 
-    def forward(self, x, cond, semantics, rope, t_emb):
+    def keys_values(self, semantics, rope):
+        return self.cross_attn.keys_values(self.semantics_norm(semantics), rope)
+
+    def forward(self, x, cond, keys_values, rope, t_emb):
         gate1, scale1, shift1 = self.ada_lin_attn(nn.functional.silu(t_emb)).chunk(3, -1)
         gate2, scale2, shift2 = self.ada_lin_mlp(nn.functional.silu(cond)).chunk(3, -1)
         x = gated(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
-        x = x + self.cross_attn(self.query_norm(x), self.semantics_norm(semantics), rope)
+        x = x + self.cross_attn(self.query_norm(x), keys_values, rope)
         return gated(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
@@ -81,6 +86,22 @@ class FinalLayer(nn.Module):
     def forward(self, x, cond):
         shift, scale = self.ada_lin(cond).chunk(2, -1)  # published order: shift first
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class ScaleCondition:
+    """What the flow net reads from one scale's semantics, apart from x_t and t: the raw semantics,
+    their projection to flow width, and each cross-attention block's keys and values. They are
+    the same at every solver step of the scale, so generation computes them once per scale (the
+    published sampler recomputes them at every step)."""
+    semantics: torch.Tensor
+    projected: torch.Tensor | None
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def head(self, n: int) -> "ScaleCondition":
+        """The first n samples' condition (each row is computed on its own, so this is exact)."""
+        return ScaleCondition(self.semantics[:n], None if self.projected is None else self.projected[:n],
+                              [(k[:n], v[:n]) for k, v in self.keys_values])
 
 
 class FlowNet(nn.Module):
@@ -103,12 +124,23 @@ class FlowNet(nn.Module):
         self.final_layer = FinalLayer(W, C)
         self.rope = Rope2D(cfg.flow_head_dim, cfg.latent_size)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
-        """x_t (B, N, C) one scale's noisy tokens, t (B,), semantics (B, N, ar_width) -> (B, N, C)."""
+    def condition(self, semantics: torch.Tensor) -> ScaleCondition:
+        """semantics (B, N, ar_width) of one scale -> what every step of that scale reads."""
+        rope = self.rope.table(int(round(semantics.shape[1] ** 0.5)), semantics.device)
+        projected = self.semantics_proj(semantics) if self.semantics_proj is not None else None
+        keys_values = [blk.keys_values(semantics, rope) for blk in self.blocks
+                       if isinstance(blk, CrossAttentionBlock)]
+        return ScaleCondition(semantics, projected, keys_values)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                semantics: torch.Tensor | ScaleCondition) -> torch.Tensor:
+        """x_t (B, N, C) one scale's noisy tokens, t (B,), semantics (B, N, ar_width) or their
+        ScaleCondition -> (B, N, C)."""
         n = x_t.shape[1]
         side = int(round(n ** 0.5))
         t_emb = self.time_embed(t)[:, None]
-        sem = self.semantics_proj(semantics) if self.semantics_proj is not None else None
+        given = semantics if isinstance(semantics, ScaleCondition) else self.condition(semantics)
+        semantics, sem, keys_values = given.semantics, given.projected, iter(given.keys_values)
         mode = self.injection
         if mode == "channel_concat":
             x = self.input_proj(torch.cat([x_t, semantics], dim=-1))
@@ -130,7 +162,7 @@ class FlowNet(nn.Module):
 
         for blk in self.blocks:
             if isinstance(blk, CrossAttentionBlock):
-                x = blk(x, cond, semantics, rope, t_emb)
+                x = blk(x, cond, next(keys_values), rope, t_emb)
             else:
                 x = blk(x, cond, semantics, rope)
         return self.final_layer(x, cond)[:, :n]

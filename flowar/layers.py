@@ -199,12 +199,16 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, context, rope=None):
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+    def keys_values(self, context, rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values of the context: the same at every solver step of a scale."""
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        return (apply_rope(k, rope) if rope is not None else k), v
+
+    def forward(self, x, keys_values: tuple[torch.Tensor, torch.Tensor], rope=None):
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+            q = apply_rope(q, rope)
+        out = F.scaled_dot_product_attention(q, *keys_values)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 

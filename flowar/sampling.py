@@ -83,25 +83,28 @@ def integrate_ddim(eps_fn: VelocityFn, noise: torch.Tensor, num_steps: int,
     return x
 
 
-def guided_fn(net: Callable, semantics_cond: torch.Tensor, semantics_uncond: torch.Tensor | None,
+def guided_fn(net, semantics_cond: torch.Tensor, semantics_uncond: torch.Tensor | None,
               cfg: float, sampler: SamplerConfig, dtype: torch.dtype) -> VelocityFn:
     """Velocity with classifier-free guidance while guidance_low <= t <= guidance_high.
 
-    Conditional and unconditional halves go through the net in one batch. Outside the interval
-    only the conditional half is evaluated: the published sampler lets the unconditional half run
-    freely there, but it never reaches the kept conditional half, so skipping it is exact."""
+    `net` is the flow net. What it reads from the semantics is computed once here, not at every
+    step (net.condition). Conditional and unconditional halves go through the net in one batch.
+    Outside the interval only the conditional half is evaluated: the published sampler lets the
+    unconditional half run freely there, but it never reaches the kept conditional half, so
+    skipping it is exact."""
     batch = semantics_cond.shape[0]
+    guidance = semantics_uncond is not None and cfg > 1.0
+    both = net.condition(torch.cat([semantics_cond, semantics_uncond])) if guidance else None
+    cond_only = both.head(batch) if guidance else net.condition(semantics_cond)
 
     def v_fn(x: torch.Tensor, t: float) -> torch.Tensor:
-        guided = (semantics_uncond is not None and cfg > 1.0
-                  and sampler.guidance_low <= t <= sampler.guidance_high)
-        if guided:
+        if guidance and sampler.guidance_low <= t <= sampler.guidance_high:
             xx = torch.cat([x, x]).to(dtype)
             tt = torch.full((2 * batch,), t, dtype=torch.float64, device=x.device).to(dtype)
-            v = net(xx, tt, torch.cat([semantics_cond, semantics_uncond])).to(torch.float64)
+            v = net(xx, tt, both).to(torch.float64)
             v_cond, v_uncond = v.chunk(2)
             return v_uncond + cfg * (v_cond - v_uncond)
         tt = torch.full((batch,), t, dtype=torch.float64, device=x.device).to(dtype)
-        return net(x.to(dtype), tt, semantics_cond).to(torch.float64)
+        return net(x.to(dtype), tt, cond_only).to(torch.float64)
 
     return v_fn

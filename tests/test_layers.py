@@ -89,3 +89,18 @@ def test_rope_as_a_complex_product_equals_the_published_rotate_half_form():
     torch.testing.assert_close(apply_rope(x, rotation), expected, rtol=1e-5, atol=1e-6)
     # a token at the same spot of the finest grid turns the same at every scale
     torch.testing.assert_close(rotation[0], rope.table(16, torch.device("cpu"))[0])
+
+
+@pytest.mark.parametrize("injection", ["spatial_adaln", "cross_attention_adaln", "cross_attention",
+                                       "channel_concat", "sequence_concat"])
+def test_a_scale_condition_computed_once_gives_the_same_velocity(injection):
+    from flowar import FlowAR
+    torch.manual_seed(0)
+    flow = FlowAR.from_preset("tiny", injection=injection).eval().flow
+    sem = torch.randn(4, 16, flow.cfg.ar_width)
+    x, t = torch.randn(4, 16, flow.cfg.latent_channels), torch.rand(4)
+    condition = flow.condition(sem)
+    assert len(condition.keys_values) == (len(flow.blocks) if "cross" in injection else 0)
+    torch.testing.assert_close(flow(x, t, condition), flow(x, t, sem), rtol=0, atol=0)
+    torch.testing.assert_close(flow(x[:2], t[:2], condition.head(2)), flow(x[:2], t[:2], sem[:2]),
+                               rtol=1e-6, atol=1e-6)
