@@ -14,12 +14,14 @@ Timed side by side:
     AdamW step (betas 0.9, 0.95, as the published training);
   * a generation (eval mode, no grad): the published `sample_tokens` against our `generate`, the
     same steps, cfg and guidance interval.
-Each is the median of --runs timed runs after one warm-up. Agreement is checked on the same
+After one warm-up each, --runs pairs are timed, the two back to back with the first of a pair
+alternating, and the ratio is the median of the pairs' ratios: this machine's speed drifts by
+10-20% over minutes, and a pair sees the same drift. Agreement is checked on the same
 inputs: the AR semantics, teacher-forced (the published forward's first half, spelled out below
 from its public code), dropout off, largest absolute and relative difference.
 
-Each (config, what, implementation) result is kept as JSON under --out; one that exists is not
-measured again, so a killed run resumes. The table is printed from those files.
+Each (config, what) record is kept as JSON under --out, saved after each pair; pairs that exist
+are not measured again, so a killed run resumes. The table is printed from those files.
 """
 
 from __future__ import annotations
@@ -105,14 +107,10 @@ def agreement(published, name: str, batch: int) -> dict:
             "scale": float(a.abs().max())}
 
 
-def timed(fn, runs: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def train_step(model, is_published: bool, batch: int, device: str = "cpu", autocast=None,
@@ -150,24 +148,35 @@ def generation(model, is_published: bool, batch: int, sampler: dict, device: str
 
 
 def measure(out: Path, published, name: str, runs: int) -> None:
-    done = lambda key: (out / f"{key}.json").exists()  # noqa: E731
-    keys = [f"{name}-{what}-{impl}" for what in ("agreement", "train", "generate")
-            for impl in ("published", "flowar")]
-    if all(done(k) for k in keys if "agreement-flowar" not in k):
-        return
-    theirs, ours, args = build(published, name)
+    """Timed runs in pairs, published and flowar back to back (the first of each pair
+    alternating), so that a slow spell of a shared machine hits both alike. Each finished pair is
+    saved: a killed run resumes at the next one."""
     spec = CONFIGS[name]
-    if not done(f"{name}-agreement-published"):
-        save(out, f"{name}-agreement-published", {**agreement(published, name, 2), "args": args})
+    if load(out, f"{name}-agreement") is None:
+        save(out, f"{name}-agreement", agreement(published, name, 2))
+    models = None
     for what in ("train", "generate"):
-        for impl, model in (("published", theirs), ("flowar", ours)):
-            key = f"{name}-{what}-{impl}"
-            if done(key):
-                continue
-            print(f"measuring {key} ...", file=sys.stderr, flush=True)
-            fn = (train_step(model, impl == "published", spec["train_batch"]) if what == "train"
-                  else generation(model, impl == "published", spec["gen_batch"], spec["sampler"]))
-            save(out, key, {"seconds": timed(fn, runs), "threads": torch.get_num_threads()})
+        key = f"{name}-{what}"
+        record = load(out, key) or {"published": [], "flowar": [], "threads": torch.get_num_threads()}
+        if len(record["flowar"]) >= runs:
+            continue
+        models = models or build(published, name)[:2]
+        fns = {impl: (train_step(model, impl == "published", spec["train_batch"]) if what == "train"
+                      else generation(model, impl == "published", spec["gen_batch"], spec["sampler"]))
+               for impl, model in zip(("published", "flowar"), models)}
+        for fn in fns.values():
+            fn()  # warm-up
+        while len(record["flowar"]) < runs:
+            print(f"measuring {key}: pair {len(record['flowar']) + 1} of {runs} ...", file=sys.stderr, flush=True)
+            order = ("published", "flowar") if len(record["flowar"]) % 2 == 0 else ("flowar", "published")
+            for impl in order:
+                record[impl].append(once(fns[impl]))
+            save(out, key, record)
+
+
+def load(out: Path, key: str) -> dict | None:
+    path = out / f"{key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def save(out: Path, key: str, data: dict) -> None:
@@ -177,21 +186,21 @@ def save(out: Path, key: str, data: dict) -> None:
 
 
 def table(out: Path, names: list[str]) -> str:
-    def load(key):
-        path = out / f"{key}.json"
-        return json.loads(path.read_text()) if path.exists() else None
-    lines = ["| config | what | published (s, median) | flowar (s, median) | ratio (published / flowar) |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| config | what | runs | published (s, median) | flowar (s, median) | "
+             "published / flowar: median of pairs (range) |", "|---|---|---:|---:|---:|---:|"]
     notes = []
     for name in names:
         spec = CONFIGS[name]
         for what, label in (("train", f"training step, batch {spec['train_batch']}"),
                             ("generate", f"generation of {spec['gen_batch']}, {spec['sampler']}")):
-            a, b = load(f"{name}-{what}-published"), load(f"{name}-{what}-flowar")
-            if a and b:
-                ta, tb = statistics.median(a["seconds"]), statistics.median(b["seconds"])
-                lines.append(f"| {name} | {label} | {ta:.2f} | {tb:.2f} | {ta / tb:.2f}x |")
-        agree = load(f"{name}-agreement-published")
+            r = load(out, f"{name}-{what}")
+            if r and r["flowar"]:
+                a, b = r["published"][:len(r["flowar"])], r["flowar"]
+                pairs = [x / y for x, y in zip(a, b)]
+                lines.append(f"| {name} | {label} | {len(b)} | {statistics.median(a):.2f} | "
+                             f"{statistics.median(b):.2f} | {statistics.median(pairs):.2f}x "
+                             f"({min(pairs):.2f}-{max(pairs):.2f}) |")
+        agree = load(out, f"{name}-agreement")
         if agree:
             notes.append(f"{name}: AR semantics, teacher-forced, dropout off: max abs difference "
                          f"{agree['max_abs']:.2e} (values up to {agree['scale']:.2f}), max relative "
