@@ -65,8 +65,9 @@ def attention(q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Ten
     return (kept @ v).mul_(1.0 / (1.0 - dropout_p))
 
 
-# Hidden widths are padded to a multiple of this inside the MLP's matmuls (not in its weights).
-MATMUL_ALIGN = 16
+# Hidden widths are padded to a multiple of this inside the MLP's matmuls (not in its weights),
+# when the matmul has at least PAD_MIN_ROWS rows: below that the padding does not pay.
+MATMUL_ALIGN, PAD_MIN_ROWS = 16, 2048
 
 
 class GEGLU(nn.Module):
@@ -74,10 +75,12 @@ class GEGLU(nn.Module):
     with a GELU gate; the same parameter names, so checkpoints load).
 
     The published hidden widths are not multiples of 16 (682 for width 256, 2730 for 1024), and
-    MKL's fp32 GEMM on AVX-512 runs such a width at about half speed (benchmarks/RESULTS.md,
-    "against the published code"). So the matmuls run on weights padded with zero rows (fc1) and
-    zero columns (fc2): the padded hidden units are GELU(0) * 0 = 0 and add exact zeros to fc2,
-    so the output is the same up to float32 rounding, and the padding gets no gradient."""
+    MKL's fp32 GEMM on AVX-512 runs fc1 at such a width up to 1.8x slower once it has a few
+    thousand rows (benchmarks/RESULTS.md, "against the published code"). So large matmuls run on
+    weights padded with zero rows (fc1) and zero columns (fc2): the padded hidden units are
+    GELU(0) * 0 = 0 and add exact zeros to fc2, so the output is the same up to float32
+    rounding, and the padding gets no gradient. Without autograd the padded weights are kept
+    until the weights change."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -86,14 +89,29 @@ class GEGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = drop
         self.pad = -hidden % MATMUL_ALIGN
+        self._padded_cache = None
+
+    def weights(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """(fc1_g weight, bias, fc1_x weight, bias, fc2 weight), padded for a large matmul."""
+        params = (self.fc1_g.weight, self.fc1_g.bias, self.fc1_x.weight, self.fc1_x.bias, self.fc2.weight)
+        if not self.pad or rows < PAD_MIN_ROWS:
+            return params
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._pad(params)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._padded_cache is None or self._padded_cache[0] != key:
+            self._padded_cache = (key, self._pad(params))
+        return self._padded_cache[1]
+
+    def _pad(self, params):
+        wg, bg, wx, bx, w2 = params
+        rows, bias = (0, 0, 0, self.pad), (0, self.pad)
+        return F.pad(wg, rows), F.pad(bg, bias), F.pad(wx, rows), F.pad(bx, bias), F.pad(w2, (0, self.pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = self.pad
-        gate = F.linear(x, F.pad(self.fc1_g.weight, (0, 0, 0, pad)), F.pad(self.fc1_g.bias, (0, pad)))
-        value = F.linear(x, F.pad(self.fc1_x.weight, (0, 0, 0, pad)), F.pad(self.fc1_x.bias, (0, pad)))
-        hidden = dropout(F.gelu(gate) * value, self.drop, self.training)
-        out = F.linear(hidden, F.pad(self.fc2.weight, (0, pad)), self.fc2.bias)
-        return dropout(out, self.drop, self.training)
+        wg, bg, wx, bx, w2 = self.weights(x.numel() // x.shape[-1])
+        hidden = dropout(F.gelu(F.linear(x, wg, bg)) * F.linear(x, wx, bx), self.drop, self.training)
+        return dropout(F.linear(hidden, w2, self.fc2.bias), self.drop, self.training)
 
 
 def geglu_mlp(dim: int, hidden: int, drop: float = 0.0) -> nn.Module:
