@@ -17,6 +17,7 @@ How the semantics enter is the paper's Table 6 ablation (`config.injection`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 from torch import nn
@@ -68,7 +69,9 @@ class CrossAttentionBlock(nn.Module):
     def keys_values(self, semantics, rope):
         return self.cross_attn.keys_values(self.semantics_norm(semantics), rope)
 
-    def forward(self, x, cond, keys_values, rope, t_emb):
+    def forward(self, x, cond, context, rope, t_emb):
+        """context: the scale's semantics, or their keys_values computed ahead (generation)."""
+        keys_values = context if isinstance(context, tuple) else self.keys_values(context, rope)
         gate1, scale1, shift1 = self.ada_lin_attn(nn.functional.silu(t_emb)).chunk(3, -1)
         gate2, scale2, shift2 = self.ada_lin_mlp(nn.functional.silu(cond)).chunk(3, -1)
         x = gated(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
@@ -124,13 +127,14 @@ class FlowNet(nn.Module):
         self.final_layer = FinalLayer(W, C)
         self.rope = Rope2D(cfg.flow_head_dim, cfg.latent_size)
 
-    def condition(self, semantics: torch.Tensor) -> ScaleCondition:
-        """semantics (B, N, ar_width) of one scale -> what every step of that scale reads."""
+    def condition(self, semantics: torch.Tensor, keys_values: bool = True) -> ScaleCondition:
+        """semantics (B, N, ar_width) of one scale -> what every step of that scale reads
+        (keys_values=False: without the cross-attention blocks' keys and values)."""
         rope = self.rope.table(int(round(semantics.shape[1] ** 0.5)), semantics.device)
         projected = self.semantics_proj(semantics) if self.semantics_proj is not None else None
-        keys_values = [blk.keys_values(semantics, rope) for blk in self.blocks
-                       if isinstance(blk, CrossAttentionBlock)]
-        return ScaleCondition(semantics, projected, keys_values)
+        kv = [blk.keys_values(semantics, rope) for blk in self.blocks
+              if isinstance(blk, CrossAttentionBlock)] if keys_values else []
+        return ScaleCondition(semantics, projected, kv)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor,
                 semantics: torch.Tensor | ScaleCondition) -> torch.Tensor:
@@ -139,8 +143,13 @@ class FlowNet(nn.Module):
         n = x_t.shape[1]
         side = int(round(n ** 0.5))
         t_emb = self.time_embed(t)[:, None]
-        given = semantics if isinstance(semantics, ScaleCondition) else self.condition(semantics)
-        semantics, sem, keys_values = given.semantics, given.projected, iter(given.keys_values)
+        if isinstance(semantics, ScaleCondition):
+            given, contexts = semantics, iter(semantics.keys_values)
+        else:
+            # Each cross-attention block projects the semantics in its own forward, where FSDP
+            # has gathered the block's weights and activation checkpointing covers it.
+            given, contexts = self.condition(semantics, keys_values=False), repeat(semantics)
+        semantics, sem = given.semantics, given.projected
         mode = self.injection
         if mode == "channel_concat":
             x = self.input_proj(torch.cat([x_t, semantics], dim=-1))
@@ -162,7 +171,7 @@ class FlowNet(nn.Module):
 
         for blk in self.blocks:
             if isinstance(blk, CrossAttentionBlock):
-                x = blk(x, cond, next(keys_values), rope, t_emb)
+                x = blk(x, cond, next(contexts), rope, t_emb)
             else:
                 x = blk(x, cond, semantics, rope)
         return self.final_layer(x, cond)[:, :n]

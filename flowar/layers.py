@@ -141,7 +141,7 @@ class Rope2D(nn.Module):
         freqs = 1.0 / theta ** (torch.arange(0, axis_dim, 2)[: axis_dim // 2].float() / axis_dim)
         self.register_buffer("freqs", freqs, persistent=False)
         self.latent_size = latent_size
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def table(self, side: int, device: torch.device) -> torch.Tensor:
         """Unit complex rotations (side*side, head_dim // 2) for a side x side grid in raster
