@@ -147,11 +147,18 @@ def generation(model, is_published: bool, batch: int, sampler: dict, device: str
     return generate
 
 
+def timed_call(name: str, what: str, impl: str, model):
+    """The call that is timed: `what` ("train" or "generate") of `impl`'s model at config `name`."""
+    spec = CONFIGS[name]
+    if what == "train":
+        return train_step(model, impl == "published", spec["train_batch"])
+    return generation(model, impl == "published", spec["gen_batch"], spec["sampler"])
+
+
 def measure(out: Path, published, name: str, runs: int) -> None:
     """Timed runs in pairs, published and flowar back to back (the first of each pair
     alternating), so that a slow spell of a shared machine hits both alike. Each finished pair is
     saved: a killed run resumes at the next one."""
-    spec = CONFIGS[name]
     if load(out, f"{name}-agreement") is None:
         save(out, f"{name}-agreement", agreement(published, name, 2))
     models = None
@@ -161,8 +168,7 @@ def measure(out: Path, published, name: str, runs: int) -> None:
         if len(record["flowar"]) >= runs:
             continue
         models = models or build(published, name)[:2]
-        fns = {impl: (train_step(model, impl == "published", spec["train_batch"]) if what == "train"
-                      else generation(model, impl == "published", spec["gen_batch"], spec["sampler"]))
+        fns = {impl: timed_call(name, what, impl, model)
                for impl, model in zip(("published", "flowar"), models)}
         for fn in fns.values():
             fn()  # warm-up

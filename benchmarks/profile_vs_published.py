@@ -62,13 +62,11 @@ def gflop(fn) -> float:
 
 
 def profile_config(published, name: str, peak: float) -> list[str]:
-    spec = bvp.CONFIGS[name]
     models = dict(zip(("published", "flowar"), bvp.build(published, name)[:2]))
     rows = []
     for what in ("train", "generate"):
         for impl, model in models.items():
-            fn = (bvp.train_step(model, impl == "published", spec["train_batch"]) if what == "train"
-                  else bvp.generation(model, impl == "published", spec["gen_batch"], spec["sampler"]))
+            fn = bvp.timed_call(name, what, impl, model)
             fn()  # warm-up
             s, work = split(fn), gflop(fn)
             floor = work / peak

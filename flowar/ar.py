@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import FlowARConfig
-from .layers import KVCache, RMSNorm, Rope2D, SelfAttention, gated, geglu_mlp, modulate
+from .layers import GEGLU, KVCache, RMSNorm, Rope2D, SelfAttention, gated, modulate
 from .pyramid import segments
 
 
@@ -25,7 +25,7 @@ class ARBlock(nn.Module):
         self.norm1 = RMSNorm(width)
         self.attn = SelfAttention(width, heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
         self.norm2 = RMSNorm(width)
-        self.mlp = geglu_mlp(width, int(width * mlp_ratio * 2 / 3), drop=proj_drop)
+        self.mlp = GEGLU(width, int(width * mlp_ratio * 2 / 3), drop=proj_drop)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, cond, rope, mask=None, cache: KVCache | None = None, layer: int = 0):

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .config import FlowARConfig
-from .layers import (CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmbedder, gated,
-                     geglu_mlp, modulate)
+from .layers import (GEGLU, CrossAttention, RMSNorm, Rope2D, SelfAttention, TimestepEmbedder,
+                     gated, modulate)
 
 PER_TOKEN_CONDITION = ("spatial_adaln", "cross_attention_adaln")
 # Injections that read the semantics at flow width through `semantics_proj`. cross_attention reads
@@ -41,7 +41,7 @@ class AdaLNBlock(nn.Module):
         self.norm1 = RMSNorm(width)
         self.attn = SelfAttention(width, heads, qkv_bias=False) if attention else None
         self.norm2 = RMSNorm(width)
-        self.mlp = geglu_mlp(width, mlp_hidden)
+        self.mlp = GEGLU(width, mlp_hidden)
         self.ada_lin = nn.Linear(width, 6 * width)
 
     def forward(self, x, cond, semantics, rope):
@@ -62,7 +62,7 @@ class CrossAttentionBlock(nn.Module):
         self.semantics_norm = RMSNorm(semantics_dim, affine=True)
         self.cross_attn = CrossAttention(width, semantics_dim, heads)
         self.norm2 = RMSNorm(width)
-        self.mlp = geglu_mlp(width, mlp_hidden)
+        self.mlp = GEGLU(width, mlp_hidden)
         self.ada_lin_attn = nn.Linear(width, 3 * width)
         self.ada_lin_mlp = nn.Linear(width, 3 * width)
 

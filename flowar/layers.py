@@ -114,10 +114,6 @@ class GEGLU(nn.Module):
         return dropout(F.linear(hidden, w2, self.fc2.bias), self.drop, self.training)
 
 
-def geglu_mlp(dim: int, hidden: int, drop: float = 0.0) -> nn.Module:
-    return GEGLU(dim, hidden, drop)
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN's modulation of a normalised x (DiT's `modulate`, x * (1 + scale) + shift), in every
     adaLN block; addcmul does the product and the sum in one pass."""

@@ -29,8 +29,8 @@ from flowar.config import ConfigError, from_dict, to_dict
 from pipelines.core import storage, tracking
 from pipelines.core.config import MLflowConfig, RayConfig, add_job_parser, load_config, path_field
 from pipelines.core.progress import follow
-from pipelines.core.source import flowar_command, source_tags
 from pipelines.core.ray_runtime import init_ray
+from pipelines.core.source import flowar_command, source_tags
 from pipelines.data.sources import SourceConfig, list_items
 
 # Source items decoded together (a stream.py unit). Items are sorted by key, so a class-sorted

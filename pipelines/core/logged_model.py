@@ -40,8 +40,8 @@ def requirements() -> list[str]:
 
 def signature(export: Path, latents: dict):
     """Input: a `class_label` column. Output: uint8 images (N, H, W, C) at the resolution of
-    `latents` (the export's latents.json). Params: the sampler's settings (defaults: the export's recommended sampler), the
-    seed and the batch size."""
+    `latents` (the export's latents.json). Params: the sampler's settings (defaults: the
+    export's recommended sampler), the seed and the batch size."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
